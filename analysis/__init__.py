@@ -1,0 +1,1 @@
+"""Look inside a fine-tuned timm ViT: attention capture, rollout, metrics, figures, report, card, Hub."""

@@ -1,0 +1,400 @@
+"""Where does the CLS token look? Metrics of attention against a flower mask, per layer and head.
+
+Per image (pure functions on tensors):
+
+* ``fg_ratio``: share of the CLS attention mass that lands on the flower,
+  ``sum_p a_p f_p / sum_p a_p`` with ``f_p`` the fraction of patch ``p`` covered by the flower
+  (the energy-based pointing game of Score-CAM, Wang et al. 2020).
+* ``fg_lift``: ``fg_ratio`` divided by the flower's share of the image; 1 means no preference
+  (uniform attention gives exactly 1), above 1 means the flower is favoured.
+* ``pointing_game``: the most-attended patch lies on the flower (Zhang et al. 2016).
+* ``attention_entropy``: entropy of the CLS row over the patches divided by ``log P``;
+  0 = one patch, 1 = uniform.
+* ``mean_attention_distance``: ViT paper Fig. 7 (Dosovitskiy et al. 2021), the
+  attention-weighted pixel distance between a query patch and its key patches.
+
+Over a dataset, :class:`AttentionMetricsAccumulator` keeps running sums only (memory
+``O(L * H * C)``), so attention maps are reduced batch by batch and never all held at once.
+"""
+import logging
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from analysis.tokens import TokenLayout
+
+_logger = logging.getLogger(__name__)
+
+NO_MASKS = 'the dataset has no flower masks'
+NO_FULL_ATTENTION = 'no full attention maps were given (only CLS rows), so patch-to-patch distances are unknown'
+NO_ROLLOUT = 'no rollout_cls was given'
+MASK_METRICS = ('fg_ratio', 'fg_lift', 'pointing_game')
+
+
+def _per_image(fg_fraction: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
+    """Views ``fg_fraction [B, P]`` as ``[B, 1, ..., 1, P]`` to broadcast against ``cls_attn [B, ..., P]``."""
+    if fg_fraction.dim() != 2 or fg_fraction.shape[0] != cls_attn.shape[0] \
+            or fg_fraction.shape[1] != cls_attn.shape[-1]:
+        raise ValueError(
+            f'fg_fraction must be [B, P] matching cls_attn [B, ..., P]; got fg_fraction '
+            f'{tuple(fg_fraction.shape)} and cls_attn {tuple(cls_attn.shape)}')
+    extra = cls_attn.dim() - 2
+    return fg_fraction.reshape(fg_fraction.shape[0], *([1] * extra), fg_fraction.shape[1])
+
+
+def fg_ratio(cls_attn: torch.Tensor, fg_fraction: torch.Tensor) -> torch.Tensor:
+    """Share of the CLS attention mass on the flower (energy-based pointing game).
+
+    Args:
+        cls_attn: CLS-to-patch attention ``[B, ..., P]`` (e.g. ``[B, L, H, P]``); need not sum to 1.
+        fg_fraction: ``[B, P]``, fraction of each patch covered by the flower, broadcast over the
+            middle dims of ``cls_attn``.
+
+    Returns:
+        ``[B, ...]`` float32 in ``[0, 1]``: ``sum_p a_p f_p / sum_p a_p``. A row with no mass at
+        all (e.g. float16 underflow) gives 0.
+    """
+    cls_attn = cls_attn.float()
+    fg = _per_image(fg_fraction.float(), cls_attn)  # [B, 1.., P]
+    mass = cls_attn.sum(dim=-1)  # [B, ...]
+    return (cls_attn * fg).sum(dim=-1) / mass.clamp_min(1e-12)
+
+
+def flower_area(fg_fraction: torch.Tensor) -> torch.Tensor:
+    """Share of the image covered by the flower.
+
+    Args:
+        fg_fraction: ``[B, P]`` fraction of each patch covered by the flower.
+
+    Returns:
+        ``[B]`` float32, the mean of ``fg_fraction`` over the patches.
+    """
+    return fg_fraction.float().mean(dim=-1)
+
+
+def fg_lift(cls_attn: torch.Tensor, fg_fraction: torch.Tensor) -> torch.Tensor:
+    """How much more attention the flower gets than its area: ``fg_ratio / flower_area``.
+
+    1 means no preference (uniform attention gives exactly 1), above 1 favours the flower.
+    For a dataset, prefer the ratio of means (what :class:`AttentionMetricsAccumulator`
+    reports): the per-image ratio explodes for tiny flowers.
+
+    Args:
+        cls_attn: ``[B, ..., P]``.
+        fg_fraction: ``[B, P]``.
+
+    Returns:
+        ``[B, ...]`` float32; ``inf``/``nan`` for an image with no flower pixels.
+    """
+    ratio = fg_ratio(cls_attn, fg_fraction)  # [B, ...]
+    area = flower_area(fg_fraction)  # [B]
+    return ratio / area.reshape(-1, *([1] * (ratio.dim() - 1)))
+
+
+def pointing_game(cls_attn: torch.Tensor, fg_fraction: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Whether the most-attended patch lies on the flower.
+
+    Args:
+        cls_attn: ``[B, ..., P]``.
+        fg_fraction: ``[B, P]``.
+        threshold: a patch counts as flower when at least this fraction of it is covered.
+
+    Returns:
+        ``[B, ...]`` bool.
+    """
+    fg = _per_image(fg_fraction.float(), cls_attn).expand_as(cls_attn)  # [B, ..., P]
+    top = cls_attn.argmax(dim=-1, keepdim=True)  # [B, ..., 1]
+    return fg.gather(-1, top)[..., 0] >= threshold
+
+
+def attention_entropy(cls_attn: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of the CLS attention over the patches.
+
+    Args:
+        cls_attn: ``[..., P]`` with ``P >= 2``; renormalised over the patches first.
+
+    Returns:
+        ``[...]`` float32 in ``[0, 1]``: 0 = all attention on one patch, 1 = uniform.
+    """
+    num_patches = cls_attn.shape[-1]
+    if num_patches < 2:
+        raise ValueError(f'attention entropy needs at least 2 patches, got {num_patches}')
+    p = cls_attn.float()
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # 0 * log 0 = 0
+    return entropy / math.log(num_patches)
+
+
+def mean_attention_distance(attn: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Mean attention distance in pixels (ViT paper, Dosovitskiy et al. 2021, Fig. 7).
+
+    For every patch query: the attention-weighted mean distance between its patch centre and
+    the key patch centres, with the patch-to-patch block renormalised over the patch keys; then
+    the mean over the query patches. Prefix tokens (CLS) have no position and are left out.
+
+    Args:
+        attn: one layer's attention ``[B, H, N, N]``.
+        layout: token layout of the model.
+
+    Returns:
+        ``[B, H]`` float32, in pixels of the model input.
+    """
+    if attn.dim() != 4 or attn.shape[-1] != layout.num_tokens or attn.shape[-2] != layout.num_tokens:
+        raise ValueError(
+            f'attn must be [B, H, {layout.num_tokens}, {layout.num_tokens}] for this layout, '
+            f'got {tuple(attn.shape)}')
+    patch_attn = layout.patches_to_patches(attn.float())  # [B, H, P, P]
+    patch_attn = patch_attn / patch_attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    centers = layout.patch_centers().to(attn.device)  # [P, 2]
+    distance = torch.cdist(centers, centers)  # [P, P]
+    per_query = (patch_attn * distance).sum(dim=-1)  # [B, H, P]
+    return per_query.mean(dim=-1)
+
+
+class AttentionMetricsAccumulator:
+    """Streams batches of attention and reduces them to dataset-level metrics.
+
+    Keeps running sums only (memory ``O(L * H * C)``, not ``O(images)``). For every layer it
+    reports each head and ``"mean"``: the metric of the HEAD-AVERAGED map (the CLS map that
+    heatmaps show; for ``mean_attention_distance`` the head-averaged full map), which is not the
+    mean of the per-head values for non-linear metrics.
+
+    Aggregation over images: ``fg_ratio``, ``entropy`` and ``mean_attention_distance`` are means
+    over images, ``pointing_game`` is the share of images that score a hit, and ``fg_lift`` is
+    ``mean(fg_ratio) / mean(flower_area)`` -- a ratio of means, so that images with tiny flowers
+    do not dominate. The same is reported for the rollout CLS row (no heads) and, for the
+    mask-based metrics, per class (head-averaged map only).
+
+    Without masks (``fg_fraction=None``) the mask-based metrics are absent from
+    :meth:`compute`'s output and ``"omitted"`` says why.
+
+    Args:
+        layout: token layout of the model.
+        num_layers: ``L``.
+        num_heads: ``H``.
+        class_names: names of the classes, indexed by label.
+        pointing_threshold: covered fraction from which a patch counts as flower in the pointing game.
+    """
+
+    def __init__(self, layout: TokenLayout, num_layers: int, num_heads: int, class_names: Sequence[str],
+                 pointing_threshold: float = 0.5):
+        self.layout = layout
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.class_names = list(class_names)
+        self.pointing_threshold = pointing_threshold
+        L, H, C = num_layers, num_heads, len(self.class_names)
+        f64 = dict(dtype=torch.float64)
+        self.num_images = 0
+        # Set by the first update; later batches must agree.
+        self.has_masks: Optional[bool] = None
+        self.has_full_attention: Optional[bool] = None
+        self.has_rollout: Optional[bool] = None
+        # Running sums over images. Per-layer tensors are [L, H + 1]: the heads, then the head-averaged map.
+        self.entropy_sum = torch.zeros(L, H + 1, **f64)
+        self.distance_sum = torch.zeros(L, H + 1, **f64)
+        self.fg_ratio_sum = torch.zeros(L, H + 1, **f64)
+        self.pointing_sum = torch.zeros(L, H + 1, **f64)
+        self.area_sum = torch.zeros((), **f64)
+        self.rollout_sums = {'fg_ratio': 0.0, 'pointing_game': 0.0, 'entropy': 0.0}
+        self.class_count = torch.zeros(C, **f64)
+        self.class_area_sum = torch.zeros(C, **f64)
+        self.class_fg_ratio_sum = torch.zeros(C, L, **f64)  # head-averaged map
+        self.class_pointing_sum = torch.zeros(C, L, **f64)
+
+    def _agree(self, name: str, given: bool) -> None:
+        seen = getattr(self, name)
+        if seen is None:
+            setattr(self, name, given)
+        elif seen != given:
+            what = name.removeprefix('has_')
+            raise ValueError(
+                f'{what} was {"given" if seen else "missing"} in earlier batches but is '
+                f'{"given" if given else "missing"} now; pass it for every batch or for none')
+
+    def _check_shapes(self, attentions, cls_attention, labels, fg_fraction, rollout_cls) -> int:
+        L, H, P = self.num_layers, self.num_heads, self.layout.num_patches
+        if cls_attention.dim() != 4 or tuple(cls_attention.shape[1:]) != (L, H, P):
+            raise ValueError(f'cls_attention must be [B, {L}, {H}, {P}], got {tuple(cls_attention.shape)}')
+        B = cls_attention.shape[0]
+        if labels.shape != (B,):
+            raise ValueError(f'labels must be [{B}], got {tuple(labels.shape)}')
+        if B and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise ValueError(
+                f'labels must be in [0, {len(self.class_names)}) to index class_names, '
+                f'got {labels.min().item()}..{labels.max().item()}')
+        if fg_fraction is not None and tuple(fg_fraction.shape) != (B, P):
+            raise ValueError(f'fg_fraction must be [{B}, {P}], got {tuple(fg_fraction.shape)}')
+        if rollout_cls is not None and tuple(rollout_cls.shape) != (B, P):
+            raise ValueError(f'rollout_cls must be [{B}, {P}], got {tuple(rollout_cls.shape)}')
+        if attentions is not None:
+            N = self.layout.num_tokens
+            if len(attentions) != L:
+                raise ValueError(f'expected {L} attention maps (one per layer), got {len(attentions)}')
+            for i, a in enumerate(attentions):
+                if tuple(a.shape) != (B, H, N, N):
+                    raise ValueError(f'attentions[{i}] must be [{B}, {H}, {N}, {N}], got {tuple(a.shape)}')
+        return B
+
+    @torch.no_grad()
+    def update(
+            self,
+            attentions: Optional[Sequence[torch.Tensor]],
+            cls_attention: torch.Tensor,
+            labels: torch.Tensor,
+            fg_fraction: Optional[torch.Tensor] = None,
+            rollout_cls: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Adds one batch.
+
+        Args:
+            attentions: ``L`` maps ``[B, H, N, N]`` (for the mean attention distance), or None
+                when only CLS rows are at hand (e.g. read back from an attention summary); then
+                ``mean_attention_distance`` is omitted.
+            cls_attention: ``[B, L, H, P]`` CLS-to-patch attention (``layout.cls_to_patches``).
+            labels: ``[B]`` int class indices into ``class_names``.
+            fg_fraction: ``[B, P]`` fraction of each patch covered by the flower, or None when
+                the dataset has no masks.
+            rollout_cls: ``[B, P]`` CLS row of the attention rollout, or None.
+        """
+        B = self._check_shapes(attentions, cls_attention, labels, fg_fraction, rollout_cls)
+        self._agree('has_masks', fg_fraction is not None)
+        self._agree('has_full_attention', attentions is not None)
+        self._agree('has_rollout', rollout_cls is not None)
+        if B == 0:
+            return
+        self.num_images += B
+        labels = labels.long().cpu()
+
+        cls_attention = cls_attention.float()  # [B, L, H, P]
+        # Heads then the head-averaged map, the one heatmaps show.
+        maps = torch.cat([cls_attention, cls_attention.mean(dim=2, keepdim=True)], dim=2)  # [B, L, H+1, P]
+        self.entropy_sum += attention_entropy(maps).sum(dim=0).double().cpu()
+
+        if attentions is not None:
+            for layer, attn in enumerate(attentions):
+                attn = attn.float()
+                attn = torch.cat([attn, attn.mean(dim=1, keepdim=True)], dim=1)  # [B, H+1, N, N]
+                self.distance_sum[layer] += mean_attention_distance(attn, self.layout).sum(dim=0).double().cpu()
+
+        if fg_fraction is not None:
+            fg_fraction = fg_fraction.float()
+            ratio = fg_ratio(maps, fg_fraction).double().cpu()  # [B, L, H+1]
+            hit = pointing_game(maps, fg_fraction, self.pointing_threshold).double().cpu()  # [B, L, H+1]
+            area = flower_area(fg_fraction).double().cpu()  # [B]
+            self.fg_ratio_sum += ratio.sum(dim=0)
+            self.pointing_sum += hit.sum(dim=0)
+            self.area_sum += area.sum()
+            self.class_area_sum.index_add_(0, labels, area)
+            self.class_fg_ratio_sum.index_add_(0, labels, ratio[:, :, -1])
+            self.class_pointing_sum.index_add_(0, labels, hit[:, :, -1])
+        self.class_count.index_add_(0, labels, torch.ones(B, dtype=torch.float64))
+
+        if rollout_cls is not None:
+            rollout_cls = rollout_cls.float()
+            self.rollout_sums['entropy'] += attention_entropy(rollout_cls).sum().item()
+            if fg_fraction is not None:
+                self.rollout_sums['fg_ratio'] += fg_ratio(rollout_cls, fg_fraction).sum().item()
+                self.rollout_sums['pointing_game'] += \
+                    pointing_game(rollout_cls, fg_fraction, self.pointing_threshold).sum().item()
+
+    @staticmethod
+    def _lift(ratio_mean: float, area_mean: float, what: str) -> Optional[float]:
+        if area_mean <= 0:
+            _logger.warning('fg_lift of %s is undefined: its masks cover no flower pixels; reporting None', what)
+            return None
+        return ratio_mean / area_mean
+
+    def compute(self) -> Dict:
+        """Dataset-level metrics, JSON-serialisable (the ``attention_metrics.json`` schema).
+
+        Returns:
+            ``{"num_images", "num_layers", "num_heads", "has_masks", "flower_area" (masks only),
+            "layers": {metric: {"mean": [L], "per_head": [[H] * L]}}, "rollout": {metric: float},
+            "per_class": {class name: {"num_images", "fg_ratio": [L], "fg_lift": [L],
+            "pointing_game": [L]}} (masks only; classes without images are left out),
+            "omitted": {metric: reason}}``. ``fg_lift`` is None where the masks hold no flower.
+        """
+        if self.num_images == 0:
+            raise ValueError('no images were added; call update() with at least one batch first')
+        n = self.num_images
+
+        def layer_entry(sums: torch.Tensor) -> Dict:
+            means = sums / n  # [L, H+1]
+            return {'mean': means[:, -1].tolist(), 'per_head': means[:, :-1].tolist()}
+
+        out: Dict = {
+            'num_images': n,
+            'num_layers': self.num_layers,
+            'num_heads': self.num_heads,
+            'has_masks': bool(self.has_masks),
+        }
+        layers: Dict = {}
+        omitted: Dict[str, str] = {}
+        rollout: Dict = {}
+        if self.has_masks:
+            area = self.area_sum.item() / n
+            out['flower_area'] = area
+            layers['fg_ratio'] = layer_entry(self.fg_ratio_sum)
+            ratio = self.fg_ratio_sum / n  # [L, H+1]
+            layers['fg_lift'] = {
+                'mean': [self._lift(r, area, 'the dataset') for r in ratio[:, -1].tolist()],
+                'per_head': [[self._lift(r, area, 'the dataset') for r in row] for row in ratio[:, :-1].tolist()],
+            }
+            layers['pointing_game'] = layer_entry(self.pointing_sum)
+        else:
+            for name in MASK_METRICS + ('flower_area', 'per_class'):
+                omitted[name] = NO_MASKS
+        layers['entropy'] = layer_entry(self.entropy_sum)
+        if self.has_full_attention:
+            layers['mean_attention_distance'] = layer_entry(self.distance_sum)
+        else:
+            omitted['mean_attention_distance'] = NO_FULL_ATTENTION
+        out['layers'] = layers
+
+        if self.has_rollout:
+            rollout['entropy'] = self.rollout_sums['entropy'] / n
+            if self.has_masks:
+                rollout['fg_ratio'] = self.rollout_sums['fg_ratio'] / n
+                rollout['fg_lift'] = self._lift(rollout['fg_ratio'], out['flower_area'], 'the rollout')
+                rollout['pointing_game'] = self.rollout_sums['pointing_game'] / n
+            out['rollout'] = rollout
+        else:
+            omitted['rollout'] = NO_ROLLOUT
+
+        if self.has_masks:
+            per_class: Dict = {}
+            for c, name in enumerate(self.class_names):
+                count = int(self.class_count[c].item())
+                if count == 0:
+                    continue
+                ratio = (self.class_fg_ratio_sum[c] / count).tolist()  # [L]
+                area = self.class_area_sum[c].item() / count
+                per_class[name] = {
+                    'num_images': count,
+                    'fg_ratio': ratio,
+                    'fg_lift': [self._lift(r, area, f'class {name!r}') for r in ratio],
+                    'pointing_game': (self.class_pointing_sum[c] / count).tolist(),
+                }
+            out['per_class'] = per_class
+        out['omitted'] = omitted
+        return out
+
+
+def layers_preferring_flower(metrics: Dict, threshold: float = 1.0) -> List[int]:
+    """0-based layers whose head-averaged ``fg_lift`` exceeds ``threshold`` (for report sentences).
+
+    Args:
+        metrics: output of :meth:`AttentionMetricsAccumulator.compute` (or the loaded
+            ``attention_metrics.json``).
+        threshold: lift above which a layer counts as preferring the flower (1 = no preference).
+
+    Returns:
+        Sorted layer indices; layers whose lift is undefined (None) are left out.
+    """
+    lift = metrics.get('layers', {}).get('fg_lift')
+    if lift is None:
+        reason = metrics.get('omitted', {}).get('fg_lift', 'it is missing')
+        raise ValueError(f'these metrics have no fg_lift ({reason}); check metrics["has_masks"] first')
+    return [layer for layer, value in enumerate(lift['mean']) if value is not None and value > threshold]

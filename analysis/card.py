@@ -1,0 +1,467 @@
+"""The model card: renders ``model_card.md`` (a Jinja template) into ``D/README.md`` for one run.
+
+Everything on the card comes from the files of the training run in the output directory ``D``
+(see the output-directory format): ``all_results.json`` and ``run_config.json`` are required;
+``config.json``, ``data_report.json``, ``attention_metrics.json``, ``background.json`` and the
+PNGs under ``figures/`` are used when they exist, and the card says so when they do not.
+
+Text from those files (class names, dataset and model names) is Markdown-escaped before it goes
+into the template, figures are linked with relative paths and only when the file exists, and no
+Hub token is ever read here.
+"""
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+# The template lives at the top of the repository, next to README.md.
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / 'model_card.md'
+REPO_ID_PLACEHOLDER = '<user>/<model>'
+BASE_TAGS = ['image-classification', 'timm', 'vision-transformer', 'attention-analysis', 'flowers']
+# |bg_gap| above this (5 accuracy points) is read as "the prediction follows the background".
+BG_GAP_THRESHOLD = 0.05
+# Background-study variants (Xiao et al. 2020, "Noise or Signal: The Role of Image Backgrounds").
+VARIANT_DESCRIPTIONS = {
+    'original': 'the test image as is',
+    'only_fg': 'the flower on a black background',
+    'no_fg': 'the flower region blacked out, background kept',
+    'only_bg_t': 'the background alone, without the flower',
+    'mixed_same': 'the flower on the background of another image of the same class',
+    'mixed_rand': 'the flower on the background of an image of another class',
+}
+CLASSIFICATION_FIGURES = [
+    ('confusion_matrix.png', 'Confusion matrix (rows: true class, columns: predicted class)'),
+    ('f1_bars.png', 'F1 per class'),
+]
+ATTENTION_FIGURES = [
+    ('layer_grid.png', 'CLS attention of every layer and attention rollout on example images'),
+    ('depth_curves.png', 'Attention metrics over depth, per head and head mean'),
+    ('class_maps.png', 'Mean CLS attention per class'),
+    ('importance.png', 'Layer and head importance'),
+]
+BACKGROUND_FIGURES = [('background.png', 'Accuracy on background-study variants')]
+
+
+def md_escape(text: Any) -> str:
+    """Makes text from a file safe to put into Markdown prose or a table cell.
+
+    Escapes Markdown syntax (``\\ ` * [ ] |``), turns HTML into entities and newlines into
+    spaces, so a class name like ``a|b`` or ``<script>`` shows as written and cannot break a table.
+    Underscores are left alone: names like ``pink_primrose`` are common, and CommonMark does not
+    emphasise underscores inside a word.
+
+    Args:
+        text: any value; it is converted with ``str`` first.
+
+    Returns:
+        The escaped one-line string.
+    """
+    text = str(text)
+    text = text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+    text = re.sub(r'([\\`*\[\]|])', r'\\\1', text)
+    return re.sub(r'[\r\n]+', ' ', text)
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def _read_optional_json(path: Path) -> Optional[Dict[str, Any]]:
+    return _read_json(path) if path.is_file() else None
+
+
+def _fmt(value: Any, spec: str = '.3f') -> str:
+    """Formats a number for a table; missing values show as an en dash."""
+    if value is None:
+        return '–'
+    return format(float(value), spec)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table; cells must already be escaped."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def _figure_links(output_dir: Path, figures: Sequence[Tuple[str, str]]) -> List[str]:
+    """Markdown images for the figures that exist under ``output_dir/figures`` (relative links)."""
+    return [f'![{alt}](figures/{name})' for name, alt in figures
+            if (output_dir / 'figures' / name).is_file()]
+
+
+def _head_map_figures(output_dir: Path) -> List[Tuple[str, str]]:
+    """The ``figures/head_maps_layer{l}.png`` files, in layer order."""
+    found = []
+    for path in (output_dir / 'figures').glob('head_maps_layer*.png'):
+        match = re.fullmatch(r'head_maps_layer(\d+)\.png', path.name)
+        if match:
+            found.append((int(match.group(1)), path.name))
+    return [(name, f'CLS attention of every head of layer {layer}') for layer, name in sorted(found)]
+
+
+def hub_dataset_id(data_config: Dict[str, Any]) -> Optional[str]:
+    """The Hub dataset id a run trained on, or None when it used a built-in or local dataset.
+
+    ``dataset_name`` is a Hub id unless it is one of the built-in datasets ("synthetic",
+    "oxford102"), the run used image folders (``train_dir``), or it names a local path (starts
+    with ``.``, ``/`` or ``~``, or exists on this machine).
+
+    Args:
+        data_config: the "data" section of run_config.json (DataArguments fields).
+
+    Returns:
+        The dataset id, or None.
+    """
+    name = data_config.get('dataset_name')
+    if not name or data_config.get('train_dir') or name in ('synthetic', 'oxford102'):
+        return None
+    if name.startswith(('.', '/', '~')) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _dataset_names(data_config: Dict[str, Any]) -> Tuple[str, str, str]:
+    """(dataset_type for model-index, human name for model-index, Markdown description)."""
+    hub_id = hub_dataset_id(data_config)
+    name = str(data_config.get('dataset_name') or '')
+    if data_config.get('train_dir'):
+        folder = Path(str(data_config['train_dir'])).name
+        return 'imagefolder', f'image folders ({folder})', f'image folders ({md_escape(folder)})'
+    if name == 'synthetic':
+        description = 'procedurally generated synthetic flowers with exact flower masks'
+        if data_config.get('synthetic_background'):
+            description += f', background mode "{md_escape(data_config["synthetic_background"])}"'
+        return 'synthetic-flowers', 'Synthetic flowers (procedural)', description
+    if name == 'oxford102':
+        return ('oxford-flowers-102', 'Oxford Flowers-102',
+                'Oxford Flowers-102, Nilsback & Zisserman 2008, official splits')
+    if hub_id is not None:
+        return hub_id, hub_id, f'the Hub dataset [{md_escape(hub_id)}](https://huggingface.co/datasets/{hub_id})'
+    folder = Path(name).name or name
+    return 'local-dataset', folder, f'a local dataset folder ({md_escape(folder)})'
+
+
+def _data_limitation(data_config: Dict[str, Any], dataset_description: str) -> str:
+    name = data_config.get('dataset_name')
+    if not data_config.get('train_dir') and name == 'synthetic':
+        return ('It was trained on procedurally generated synthetic flowers: it is a demonstration '
+                'model and is not expected to recognise photographs of real flowers.')
+    if not data_config.get('train_dir') and name == 'oxford102':
+        return ('Oxford Flowers-102 has 40 to 258 images per class, mostly photographed in the UK; '
+                'flowers from other regions, drawings and unusual viewpoints may be misclassified.')
+    return (f'It was evaluated only on {dataset_description}; its accuracy on images unlike that '
+            'data is unknown.')
+
+
+def _intended_use(data_config: Dict[str, Any], num_classes: int) -> str:
+    if not data_config.get('train_dir') and data_config.get('dataset_name') == 'synthetic':
+        return (f'Demonstrating and testing the training and attention-analysis pipeline on the '
+                f'{num_classes} synthetic flower classes listed above; not for real photographs.')
+    return f'Classifying close-up photographs of the {num_classes} flower classes listed above.'
+
+
+def _per_class_table(all_results: Dict[str, Any]) -> Tuple[str, str]:
+    """The per-class precision / recall / F1 / support table and a sentence on the weakest class."""
+    names = all_results['test_class_names']
+    precision = all_results.get('test_precision_per_class', {})
+    recall = all_results.get('test_recall_per_class', {})
+    f1 = all_results.get('test_f1_per_class', {})
+    support = all_results.get('test_support_per_class', {})
+    rows = [[md_escape(name), _fmt(precision.get(name)), _fmt(recall.get(name)), _fmt(f1.get(name)),
+             _fmt(support.get(name), '.0f')] for name in names]
+    table = _table(['Class', 'Precision', 'Recall', 'F1', 'Support'], rows)
+    scored = [(float(f1[name]), name) for name in names if f1.get(name) is not None]
+    sentence = ''
+    if scored:
+        lowest, name = min(scored)
+        sentence = f'Lowest class F1: {md_escape(name)} ({lowest:.3f}).'
+    return table, sentence
+
+
+def _attention_section(metrics: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+    """The per-layer metrics table and its explanation; returns (section, num_layers_text)."""
+    if metrics is None:
+        return ('The attention analysis was not run for this model (there is no '
+                '`attention_metrics.json` next to the weights), so no attention numbers are reported.',
+                'layers')
+    layers = metrics['layers']
+    num_layers = int(metrics['num_layers'])
+    has_masks = bool(metrics.get('has_masks')) and 'fg_lift' in layers
+    distance = layers['mean_attention_distance']['mean']
+    entropy = layers['entropy']['mean']
+    parts = [f'Measured on {metrics["num_images"]} images from the CLS token\'s attention to the '
+             'patches, per layer (the metric of the head-averaged map). Layers are numbered from 1 '
+             '(closest to the pixels).']
+    if has_masks:
+        fg_lift, fg_ratio = layers['fg_lift'], layers['fg_ratio']['mean']
+        pointing = layers['pointing_game']['mean']
+        parts.append(
+            f'The flower covers {float(metrics["flower_area"]):.1%} of the image on average. '
+            '**fg_ratio** is the share of CLS attention on flower patches; **fg_lift** = fg_ratio / '
+            'flower area (1 = no preference, above 1 = attends to the flower more than its area); '
+            '**pointing game** is the share of images whose most-attended patch lies on the flower; '
+            '**entropy** is normalised to [0, 1] (1 = uniform); **mean attention distance** is in pixels; '
+            '"best head" is the head with the highest fg_lift.')
+        rows = []
+        for layer in range(num_layers):
+            heads = fg_lift['per_head'][layer]
+            best = max(range(len(heads)), key=lambda h: heads[h])
+            rows.append([str(layer + 1), _fmt(fg_lift['mean'][layer], '.2f'), _fmt(fg_ratio[layer]),
+                         _fmt(pointing[layer], '.2f'), _fmt(entropy[layer]), _fmt(distance[layer], '.1f'),
+                         f'{best + 1} ({_fmt(heads[best], ".2f")})'])
+        rollout = metrics.get('rollout') or {}
+        if 'fg_lift' in rollout:
+            rows.append(['rollout', _fmt(rollout['fg_lift'], '.2f'), _fmt(rollout.get('fg_ratio')),
+                         _fmt(rollout.get('pointing_game'), '.2f'), _fmt(rollout.get('entropy')), '–', '–'])
+        parts.append(_table(['Layer', 'fg_lift', 'fg_ratio', 'pointing game', 'entropy',
+                             'mean attention distance (px)', 'best head (fg_lift)'], rows))
+        above = [layer + 1 for layer in range(num_layers) if fg_lift['mean'][layer] > 1.0]
+        top = max(range(num_layers), key=lambda layer: fg_lift['mean'][layer])
+        if above:
+            parts.append(f'Layers with fg_lift > 1 (attend to the flower more than its area): '
+                         f'{", ".join(map(str, above))} (of {num_layers}); highest: layer {top + 1} '
+                         f'(fg_lift {fg_lift["mean"][top]:.2f}).')
+        else:
+            parts.append(f'No layer has fg_lift > 1: on average no layer attends to the flower more '
+                         f'than its area (highest: layer {top + 1}, fg_lift {fg_lift["mean"][top]:.2f}).')
+    else:
+        reasons = '; '.join(md_escape(reason) for reason in dict.fromkeys((metrics.get('omitted') or {}).values()))
+        parts.append('Flower-vs-background metrics (fg_ratio, fg_lift, pointing game, per class) are '
+                     f'absent because the evaluation data has no flower masks ({reasons or "no reason recorded"}). '
+                     'Only the mask-free metrics are reported: **entropy** normalised to [0, 1] '
+                     '(1 = uniform) and **mean attention distance** in pixels.')
+        rows = [[str(layer + 1), _fmt(entropy[layer]), _fmt(distance[layer], '.1f')]
+                for layer in range(num_layers)]
+        parts.append(_table(['Layer', 'entropy', 'mean attention distance (px)'], rows))
+    return '\n\n'.join(parts), f'{num_layers} layers'
+
+
+def _background_section(background: Optional[Dict[str, Any]], num_classes: int,
+                        figures: List[str]) -> Tuple[str, str]:
+    """The background-study results and the limitation sentence they support."""
+    if background is None:
+        return ('The background study was not run for this model (no `background.json`; run '
+                '`python -m analysis background` to add it).',
+                'The background study was not run, so how much the predictions rely on the background '
+                'rather than the flower is unknown.')
+    variants = background.get('variants') or {}
+    rows = [[md_escape(name), md_escape(VARIANT_DESCRIPTIONS.get(name, '')), _fmt(values.get('accuracy')),
+             _fmt(values.get('macro_f1'))] for name, values in variants.items()]
+    parts = ['The test images were re-rendered with the flower and the background separated '
+             '(after Xiao et al. 2020, *Noise or Signal: The Role of Image Backgrounds in Object '
+             'Recognition*):',
+             _table(['Variant', 'What the model sees', 'Accuracy', 'Macro F1'], rows)]
+    chance = 1.0 / num_classes if num_classes else None
+    only_bg = variants.get('only_bg_t', {}).get('accuracy')
+    if only_bg is not None and chance is not None:
+        parts.append(f'On the background alone the accuracy is {float(only_bg):.1%} '
+                     f'(chance: {chance:.1%}).')
+    bg_gap = background.get('bg_gap')
+    if bg_gap is None:
+        limitation = 'The background study did not record bg_gap, so reliance on the background is not quantified.'
+    else:
+        bg_gap = float(bg_gap)
+        if bg_gap > BG_GAP_THRESHOLD:
+            reading = (f'above {BG_GAP_THRESHOLD:.2f}: the prediction follows the background, so the '
+                       'model relies on the background')
+            limitation = (f'The model relies on the background: moving a flower onto the background of '
+                          f'another class costs {100 * bg_gap:.1f} accuracy points (bg_gap {bg_gap:.2f}). '
+                          'Expect errors on flowers photographed in unusual surroundings.')
+        else:
+            reading = (f'at most {BG_GAP_THRESHOLD:.2f}: the background of another class changes few '
+                       'predictions, so the model relies mostly on the flower')
+            limitation = (f'The background study found little reliance on the background (bg_gap '
+                          f'{bg_gap:.2f}); this holds for the kinds of backgrounds in the test data only.')
+        parts.append(f'**bg_gap** = accuracy(mixed_same) − accuracy(mixed_rand) = {bg_gap:.3f}, {reading}.')
+    parts += figures
+    return '\n\n'.join(parts), limitation
+
+
+def _image_size(output_dir: Path) -> str:
+    config = _read_optional_json(output_dir / 'config.json')
+    input_size = ((config or {}).get('pretrained_cfg') or {}).get('input_size')
+    if not input_size:
+        return 'not recorded'
+    return f'{input_size[-2]} × {input_size[-1]} pixels'
+
+
+def _training_table(output_dir: Path, all_results: Dict[str, Any], run_config: Dict[str, Any],
+                    dataset_description: str) -> str:
+    model = run_config.get('model') or {}
+    training = run_config.get('training') or {}
+    environment = run_config.get('environment') or {}
+    data_report = _read_optional_json(output_dir / 'data_report.json')
+    name = md_escape(model.get('model_name_or_path', 'not recorded'))
+    rows = [['Model', f'{name} (timm), ' + ('fine-tuned from pretrained weights' if model.get('pretrained')
+                                            else 'random initialisation')]]
+    if model.get('model_args'):
+        rows.append(['Model arguments', md_escape(json.dumps(model['model_args'], sort_keys=True))])
+    rows.append(['Data', dataset_description])
+    if data_report is not None:
+        counts = ', '.join(f'{md_escape(split)} {n}' for split, n in data_report.get('num_checked', {}).items())
+        rows.append(['Images per split', f'{counts} ({data_report.get("num_skipped", 0)} unreadable images skipped)'])
+    rows.append(['Image size', _image_size(output_dir)])
+    max_steps = training.get('max_steps')
+    if max_steps is not None and int(max_steps) > 0:
+        length = f'{int(max_steps)} steps'
+    else:
+        length = f'{training.get("num_train_epochs", "not recorded")} epochs'
+    if all_results.get('epoch') is not None:
+        length += f' (ended at epoch {float(all_results["epoch"]):.2f})'
+    rows.append(['Training length', length])
+    for key, label in [('per_device_train_batch_size', 'Batch size per device'),
+                       ('learning_rate', 'Learning rate'), ('lr_scheduler_type', 'Learning-rate schedule'),
+                       ('weight_decay', 'Weight decay'), ('seed', 'Seed')]:
+        if training.get(key) is not None:
+            rows.append([label, md_escape(training[key])])
+    hardware = md_escape(environment.get('device', 'not recorded'))
+    if environment.get('num_processes'):
+        hardware += f', {md_escape(environment["num_processes"])} process(es)'
+    rows.append(['Hardware', hardware])
+    if run_config.get('train_runtime_s') is not None:
+        rows.append(['Training time', f'{float(run_config["train_runtime_s"]) / 60:.1f} min'])
+    versions = ', '.join(f'{lib} {md_escape(environment[lib])}' for lib in ('torch', 'timm', 'transformers')
+                         if environment.get(lib))
+    if versions:
+        rows.append(['Software', versions])
+    return _table(['Setting', 'Value'], rows)
+
+
+def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, license: str = 'apache-2.0',
+               template_path: Path = TEMPLATE_PATH) -> ModelCard:
+    """Builds the model card of a training run (without writing it).
+
+    Args:
+        output_dir: the run's output directory (holds all_results.json and run_config.json).
+        repo_id: the Hub repository the model goes to; None shows "<user>/<model>" in the examples.
+        license: the license identifier for the card metadata.
+        template_path: the Jinja template.
+
+    Returns:
+        The rendered ``huggingface_hub.ModelCard``.
+    """
+    output_dir = Path(output_dir)
+    for required in ('all_results.json', 'run_config.json'):
+        if not (output_dir / required).is_file():
+            raise FileNotFoundError(
+                f'{output_dir / required} not found: the model card is made from a finished training '
+                'run; train first (train_hf.py --output_dir DIR) or pass that output directory.')
+    if not Path(template_path).is_file():
+        raise FileNotFoundError(f'Model card template {template_path} not found; it ships as model_card.md '
+                                'at the top of the flower-vit-lens repository.')
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            raise ValueError(f'Invalid repo_id {repo_id!r}: {e} Use the form "user/name".') from e
+
+    all_results = _read_json(output_dir / 'all_results.json')
+    run_config = _read_json(output_dir / 'run_config.json')
+    metrics = _read_optional_json(output_dir / 'attention_metrics.json')
+    background = _read_optional_json(output_dir / 'background.json')
+    model = run_config.get('model') or {}
+    data_config = run_config.get('data') or {}
+    model_name = str(model.get('model_name_or_path', 'vit'))
+    dataset_type, dataset_name, dataset_description = _dataset_names(data_config)
+    class_names = all_results['test_class_names']
+    eval_split = str(all_results.get('test_split', 'test'))
+
+    eval_results = [
+        EvalResult(task_type='image-classification', task_name='Image Classification',
+                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=eval_split,
+                   metric_type='accuracy', metric_name='Accuracy',
+                   metric_value=float(all_results['test_accuracy'])),
+        EvalResult(task_type='image-classification', task_name='Image Classification',
+                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=eval_split,
+                   metric_type='f1', metric_name='Macro F1', metric_args={'average': 'macro'},
+                   metric_value=float(all_results['test_macro_f1'])),
+    ]
+    tags = list(BASE_TAGS)
+    if data_config.get('dataset_name') == 'synthetic' and not data_config.get('train_dir'):
+        tags.append('synthetic-data')
+    if background is not None:
+        tags.append('background-bias')
+    hub_id = hub_dataset_id(data_config)
+    title = repo_id or f'{model_name} on {dataset_name}'
+    card_data = ModelCardData(
+        library_name='timm', pipeline_tag='image-classification', license=license, tags=tags,
+        datasets=[hub_id] if hub_id else None,
+        base_model=f'timm/{model_name}' if model.get('pretrained') else None,
+        model_name=title, eval_results=eval_results)
+
+    per_class_table, lowest_f1_sentence = _per_class_table(all_results)
+    attention_section, num_layers_text = _attention_section(metrics)
+    background_section, background_limitation = _background_section(
+        background, len(class_names), _figure_links(output_dir, BACKGROUND_FIGURES))
+    support = all_results.get('test_support_per_class') or {}
+    sources = [name for name in ('all_results.json', 'run_config.json', 'config.json', 'data_report.json',
+                                 'attention_metrics.json', 'background.json') if (output_dir / name).is_file()]
+    card = ModelCard.from_template(
+        card_data, template_path=str(template_path),
+        title=md_escape(title),
+        model_name=md_escape(model_name),
+        pretrained=bool(model.get('pretrained')),
+        num_classes=len(class_names),
+        dataset_description=dataset_description,
+        num_layers_text=num_layers_text,
+        eval_split=md_escape(eval_split),
+        num_eval_images=int(sum(int(n) for n in support.values())) if support else 'all',
+        accuracy_text=f'{float(all_results["test_accuracy"]):.2%}',
+        macro_f1_text=f'{float(all_results["test_macro_f1"]):.4f}',
+        lowest_f1_sentence=lowest_f1_sentence,
+        per_class_table=per_class_table,
+        classification_figures='\n\n'.join(_figure_links(output_dir, CLASSIFICATION_FIGURES)),
+        attention_section=attention_section,
+        attention_figures='\n\n'.join(_figure_links(
+            output_dir, ATTENTION_FIGURES[:2] + _head_map_figures(output_dir) + ATTENTION_FIGURES[2:])),
+        background_section=background_section,
+        training_table=_training_table(output_dir, all_results, run_config, dataset_description),
+        intended_use=_intended_use(data_config, len(class_names)),
+        data_limitation=_data_limitation(data_config, dataset_description),
+        background_limitation=background_limitation,
+        repo_id=repo_id or REPO_ID_PLACEHOLDER,
+        source_files=', '.join(f'`{name}`' for name in sources),
+    )
+    return card
+
+
+def render_model_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None,
+                      license: str = 'apache-2.0') -> Path:
+    """Renders the model card of a training run and writes it to ``output_dir/README.md``.
+
+    Args:
+        output_dir: the run's output directory (holds all_results.json and run_config.json).
+        repo_id: the Hub repository the model goes to; None shows "<user>/<model>" in the examples.
+        license: the license identifier for the card metadata.
+
+    Returns:
+        The path of the written README.md.
+    """
+    output_dir = Path(output_dir)
+    card = build_card(output_dir, repo_id=repo_id, license=license)
+    path = output_dir / 'README.md'
+    # Written whole or not at all: a temporary file in the same folder, then an atomic rename.
+    tmp = output_dir / f'.README.md.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'w', encoding='utf-8', newline='') as f:
+            f.write(str(card))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info('Wrote the model card to %s', path)
+    return path

@@ -1,0 +1,218 @@
+"""Command line of the analysis package: ``python -m analysis <command> ...``.
+
+    extract     attention summary + metrics of a dataset split      (attentions.safetensors, attention_metrics.json)
+    heatmaps    figures from an attention summary                   (layer grid, head maps, class maps, depth curves)
+    image       layer grid and rollout of any image files
+    report      the self-contained report.html of an output directory
+    background  accuracy on background variants, bg_gap             (background.json + figure)
+    importance  linear probes, layer skipping, head ablation         (importance.json + figure)
+    study       correlated vs random backgrounds, trained and measured end to end
+    push        publish an output directory to the Hugging Face Hub (or --dry_run into a folder)
+
+Dataset flags are train_hf.py's (``--dataset_name``/``--dataset``, ``--train_dir``, ``--synthetic_*``, ...);
+when none is given and ``--model`` is a run's output directory, the run's own dataset is used.
+"""
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from transformers import HfArgumentParser
+
+logger = logging.getLogger('analysis')
+
+DATASET_FLAGS = ('--dataset_name', '--dataset', '--train_dir', '--data_dir')
+
+
+@dataclass
+class ModelFlags:
+    model: str = field(metadata={'help': 'Output directory of a run, Hub repo id, or timm model name.'})
+    batch_size: int = field(default=128, metadata={'help': 'Images per forward pass.'})
+
+
+@dataclass
+class ExtractFlags(ModelFlags):
+    split: str = field(default='test', metadata={'help': 'Dataset split to stream over.'})
+    output: Optional[str] = field(default=None, metadata={
+        'help': 'Summary file to write (default: <model dir>/attentions.safetensors); '
+                'attention_metrics.json goes next to it.'})
+    full_maps: int = field(default=0, metadata={'help': 'Keep full N x N maps of the first K images.'})
+    max_batches: Optional[int] = field(default=None, metadata={'help': 'Stop after this many batches.'})
+
+
+@dataclass
+class HeatmapFlags:
+    summary: str = field(metadata={'help': 'An attentions.safetensors written by extract.'})
+    output: str = field(default='figures', metadata={'help': 'Folder for the PNG figures.'})
+
+
+@dataclass
+class ImageFlags(ModelFlags):
+    output: str = field(default='image_attention', metadata={'help': 'Folder for the figures.'})
+
+
+@dataclass
+class ReportFlags:
+    output_dir: str = field(metadata={'help': 'Output directory of a run (holds all_results.json).'})
+
+
+@dataclass
+class StudyFlags(ModelFlags):
+    split: str = field(default='test', metadata={'help': 'Split to measure on.'})
+    output: Optional[str] = field(default=None, metadata={'help': 'Folder for the JSON + figure (default: model dir).'})
+    seed: int = field(default=0, metadata={'help': 'Seed of the background partners.'})
+    max_images: Optional[int] = field(default=None, metadata={'help': 'At most this many images per split.'})
+
+
+@dataclass
+class RunStudyFlags:
+    output_dir: str = field(default='outputs/study', metadata={'help': 'Where both runs and the table go.'})
+    quick: bool = field(default=False, metadata={'help': 'Tiny budget (smoke test), not the real study.'})
+
+
+@dataclass
+class PushFlags:
+    output_dir: str = field(metadata={'help': 'Output directory of a run.'})
+    repo_id: str = field(metadata={'help': 'Hub model repo, user/name.'})
+    private: bool = field(default=False, metadata={'help': 'Create the repo private.'})
+    dry_run: Optional[str] = field(default=None, metadata={
+        'help': 'Write exactly what would be uploaded into this (new or empty) folder instead of pushing.'})
+
+
+def _parse(flags, argv: List[str], with_data: bool = False):
+    """Positional ``summary`` / ``output_dir`` become flags, then HfArgumentParser does the rest."""
+    from data_scripts import DataArguments
+    first = [f for f in flags.__dataclass_fields__.values()][0]
+    if argv and not argv[0].startswith('-') and first.name in ('summary', 'output_dir'):
+        argv = [f'--{first.name}', argv[0]] + argv[1:]
+    files: List[str] = []
+    if flags is ImageFlags:  # trailing image files
+        while argv and not argv[-1].startswith('-') and (len(argv) < 2 or not argv[-2].startswith('--')):
+            files.insert(0, argv.pop())
+    parser = HfArgumentParser((flags, DataArguments) if with_data else (flags,))
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    return (*parsed, files) if flags is ImageFlags else parsed
+
+
+def _load_model(name: str):
+    from .modeling import TimmViTForImageClassification
+    return TimmViTForImageClassification.from_pretrained(name).eval()
+
+
+def _dataset_for(model: str, data_args, argv: List[str]):
+    """The dataset the user named, or the run's own when they named none and --model is a run dir."""
+    from data_scripts import DataArguments, check_images, load_flower_dataset
+    run_config = Path(model) / 'run_config.json'
+    if not any(a.split('=')[0] in DATASET_FLAGS for a in argv) and run_config.is_file():
+        data = json.loads(run_config.read_text())['data']
+        data_args = DataArguments(**{k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__})
+        logger.info(f'using the dataset of the run: {data_args.dataset_name}')
+    dataset, _ = check_images(load_flower_dataset(data_args), strict=data_args.strict_images)
+    return dataset, data_args
+
+
+def _split(dataset, split: str):
+    if split not in dataset:
+        raise ValueError(f'--split {split}: the dataset has splits {list(dataset)}')
+    return dataset[split]
+
+
+def cmd_extract(argv: List[str]) -> None:
+    from .extract import METRICS_NAME, SUMMARY_NAME, extract_summary, save_summary, write_json
+    flags, data_args = _parse(ExtractFlags, argv, with_data=True)
+    model = _load_model(flags.model)
+    dataset, data_args = _dataset_for(flags.model, data_args, argv)
+    output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_NAME
+    if not flags.output and not Path(flags.model).is_dir():
+        raise ValueError('--output is required when --model is not an output directory')
+    tensors, meta, metrics = extract_summary(
+        model, _split(dataset, flags.split), batch_size=flags.batch_size, full_maps=flags.full_maps,
+        max_batches=flags.max_batches, model_id=flags.model, dataset_name=data_args.dataset_name, split=flags.split)
+    save_summary(output, tensors, meta)
+    write_json(output.parent / METRICS_NAME, metrics)
+    print(f'wrote {output} and {output.parent / METRICS_NAME} ({meta["num_images"]} images)')
+
+
+def cmd_heatmaps(argv: List[str]) -> None:
+    from .report import summary_figures
+    (flags,) = _parse(HeatmapFlags, argv)
+    paths = summary_figures(flags.summary, flags.output)
+    print('\n'.join(f'wrote {p}' for p in paths.values()))
+
+
+def cmd_image(argv: List[str]) -> None:
+    from .report import image_figures
+    flags, files = _parse(ImageFlags, argv)
+    if not files:
+        raise ValueError('give one or more image files: python -m analysis image --model <m> a.jpg b.png')
+    paths = image_figures(_load_model(flags.model), files, flags.output)
+    print('\n'.join(f'wrote {p}' for p in paths.values()))
+
+
+def cmd_report(argv: List[str]) -> None:
+    from .report import write_report
+    (flags,) = _parse(ReportFlags, argv)
+    print(f'wrote {write_report(flags.output_dir)}')
+
+
+def _study_output(flags) -> Path:
+    if flags.output:
+        return Path(flags.output)
+    if Path(flags.model).is_dir():
+        return Path(flags.model)
+    raise ValueError('--output is required when --model is not an output directory')
+
+
+def cmd_background(argv: List[str]) -> None:
+    from .background import write_background
+    flags, data_args = _parse(StudyFlags, argv, with_data=True)
+    model = _load_model(flags.model)
+    dataset, data_args = _dataset_for(flags.model, data_args, argv)
+    path = write_background(model, dataset, data_args, _study_output(flags), split=flags.split, seed=flags.seed,
+                            batch_size=flags.batch_size, max_images=flags.max_images, model_id=flags.model)
+    print(f'wrote {path}')
+
+
+def cmd_importance(argv: List[str]) -> None:
+    from .importance import write_importance
+    flags, data_args = _parse(StudyFlags, argv, with_data=True)
+    model = _load_model(flags.model)
+    dataset, _ = _dataset_for(flags.model, data_args, argv)
+    path = write_importance(model, dataset, _study_output(flags), split=flags.split, batch_size=flags.batch_size,
+                            max_images=flags.max_images, seed=flags.seed)
+    print(f'wrote {path}')
+
+
+def cmd_study(argv: List[str]) -> None:
+    from .study import run_study
+    (flags,) = _parse(RunStudyFlags, argv)
+    run_study(flags.output_dir, quick=flags.quick)
+
+
+def cmd_push(argv: List[str]) -> None:
+    from .hub import push_output_dir
+    (flags,) = _parse(PushFlags, argv)
+    print(push_output_dir(flags.output_dir, flags.repo_id, private=flags.private, dry_run_dir=flags.dry_run))
+
+
+COMMANDS = {
+    'extract': cmd_extract, 'heatmaps': cmd_heatmaps, 'image': cmd_image, 'report': cmd_report,
+    'background': cmd_background, 'importance': cmd_importance, 'study': cmd_study, 'push': cmd_push,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    command, rest = argv[0], argv[1:]
+    try:
+        COMMANDS[command](rest)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    return 0

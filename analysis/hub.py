@@ -1,0 +1,229 @@
+"""Publishing a training run to the Hugging Face Hub: token, preflight, file selection, upload.
+
+The order matters for users: ``resolve_token`` and ``check_hub_access`` are fast and are called
+before any long work, so a missing token or an unreachable Hub fails in seconds, not after
+training. ``push_output_dir`` re-renders the model card (so it shows the current numbers) and then
+uploads exactly the files of ``files_to_upload`` -- never checkpoints, optimizer state or logs. With
+``dry_run_dir`` it copies those files into a folder instead, so the result can be inspected
+(and loaded with timm / transformers) without a network.
+
+The token is never logged, printed or written anywhere.
+"""
+import logging
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar, Union
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
+from huggingface_hub.utils import validate_repo_id
+
+from .card import render_model_card
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar('T')
+
+# What a published model repository holds, relative to the run's output directory. Everything
+# else (checkpoint-*/, runs/, *.pt / *.pth / *.bin optimizer, scheduler and RNG state,
+# training_args.bin, logs) stays local. attentions.safetensors is included: it is a reduced
+# summary (float16 CLS maps, a few example images), a few MB at most, and it lets others redo the
+# attention plots without the data.
+UPLOAD_FILES = [
+    'config.json', 'model.safetensors', 'README.md', 'all_results.json', 'run_config.json',
+    'data_report.json', 'attention_metrics.json', 'attentions.safetensors', 'background.json',
+    'importance.json', 'report.html',
+]
+UPLOAD_GLOBS = ['figures/*.png']
+UPLOAD_PATTERNS = UPLOAD_FILES + UPLOAD_GLOBS
+REQUIRED_FILES = ['config.json', 'model.safetensors', 'all_results.json', 'run_config.json']
+HUB_TIMEOUT_S = 10.0
+NO_TOKEN_MESSAGE = 'No Hugging Face token found: set HF_TOKEN or run `hf auth login`, or use --dry_run'
+
+
+class HubError(RuntimeError):
+    """The Hub cannot be used right now (no token, token rejected, Hub unreachable)."""
+
+
+def resolve_token(token: Optional[str] = None) -> str:
+    """The Hub token to use: the argument, else HF_TOKEN or the one stored by ``hf auth login``.
+
+    Args:
+        token: an explicit token, or None to look it up.
+
+    Returns:
+        The token.
+
+    Raises:
+        HubError: no token anywhere.
+    """
+    token = token or get_token()
+    if not token:
+        raise HubError(NO_TOKEN_MESSAGE)
+    return token
+
+
+def _short_reason(error: BaseException) -> str:
+    """The first line of an error message, cut to 200 characters (never includes headers)."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    return reason[:200]
+
+
+def _call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """Runs ``fn`` in a daemon thread and waits at most ``timeout_s`` seconds for it.
+
+    The Hub client has no timeout on its own session, so a network that drops packets would hang a
+    preflight forever; a daemon thread that is given up on does not keep the process alive.
+    """
+    outcome = {}
+
+    def target():
+        try:
+            outcome['value'] = fn()
+        except BaseException as e:  # handed to the caller below
+            outcome['error'] = e
+
+    thread = threading.Thread(target=target, name='hub-preflight', daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f'no answer within {timeout_s:g} s')
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['value']
+
+
+def validate_hub_repo_id(repo_id: str) -> None:
+    """Raises ValueError naming --repo_id when ``repo_id`` is not a valid Hub repository id."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f'Invalid --repo_id {repo_id!r}: {_short_reason(e)} Use the form "user/name".') from e
+
+
+def check_hub_access(repo_id: str, token: str, *, timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """Fast preflight before any long work: is ``repo_id`` valid, the Hub reachable, the token accepted?
+
+    Args:
+        repo_id: the repository to push to, "user/name".
+        token: the Hub token (see ``resolve_token``).
+        timeout_s: how long to wait for the Hub.
+
+    Raises:
+        ValueError: ``repo_id`` is malformed.
+        HubError: the Hub cannot be reached, or it rejects the token.
+    """
+    validate_hub_repo_id(repo_id)
+    api = HfApi(token=token)
+    try:
+        user = _call_with_timeout(lambda: api.whoami(), timeout_s)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubError(
+                f'The token was rejected by the Hugging Face Hub ({api.endpoint}, HTTP {status}): create a '
+                'token with write access at https://huggingface.co/settings/tokens, then set HF_TOKEN or run '
+                '`hf auth login`, or use --dry_run.') from e
+        raise HubError(f'The Hugging Face Hub ({api.endpoint}) answered HTTP {status}: {_short_reason(e)}. '
+                       'Try again later or use --dry_run.') from e
+    except (HTTPError, OSError, TimeoutError) as e:
+        # HTTPError: the Hub client's transport errors (connection refused, DNS, TLS, timeouts).
+        raise HubError(f'Cannot reach the Hugging Face Hub ({api.endpoint}): {_short_reason(e)}. '
+                       'Check your network or use --dry_run.') from e
+    logger.info('Hub access checked: logged in as %s', user.get('name', '?'))
+
+
+def files_to_upload(output_dir: Union[str, Path]) -> List[str]:
+    """The files of a run that go to the Hub: those of ``UPLOAD_PATTERNS`` that exist.
+
+    Args:
+        output_dir: the run's output directory.
+
+    Returns:
+        Sorted paths relative to ``output_dir``, with "/" separators.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in UPLOAD_FILES if (output_dir / name).is_file()]
+    for pattern in UPLOAD_GLOBS:
+        found += [path.relative_to(output_dir).as_posix() for path in output_dir.glob(pattern) if path.is_file()]
+    return sorted(found)
+
+
+def _as_exact_pattern(path: str) -> str:
+    """An fnmatch pattern matching exactly ``path`` (upload_folder's allow_patterns use fnmatch)."""
+    return re.sub(r'([*?\[])', r'[\1]', path)
+
+
+def _check_no_token_in_files(output_dir: Path, files: List[str], token: Optional[str]) -> None:
+    """Refuses to publish a file that contains the Hub token (e.g. a config that captured it)."""
+    if not token:
+        return
+    needle = token.encode('utf-8')
+    for name in files:
+        if (output_dir / name).read_bytes().find(needle) >= 0:
+            raise HubError(f'{output_dir / name} contains your Hugging Face token; remove it from that file '
+                           'before publishing (nothing was uploaded).')
+
+
+def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool = False,
+                    token: Optional[str] = None, dry_run_dir: Optional[Union[str, Path]] = None,
+                    license: str = 'apache-2.0',
+                    commit_message: str = 'Upload fine-tuned ViT, model card and attention analysis',
+                    ) -> Union[str, Path]:
+    """Publishes a training run: re-renders the model card, then uploads the files of ``files_to_upload``.
+
+    Args:
+        output_dir: the run's output directory (config.json, model.safetensors, all_results.json,
+            run_config.json at least).
+        repo_id: the model repository, "user/name"; created if missing. An existing repository keeps
+            its visibility (``private`` only applies when it is created).
+        private: create the repository as private.
+        token: the Hub token; None looks it up (HF_TOKEN, `hf auth login`). Not needed for a dry run.
+        dry_run_dir: instead of uploading, copy exactly the files that would be uploaded into this
+            folder (which must not exist or be empty).
+        license: the license identifier for the model card.
+        commit_message: the commit message on the Hub.
+
+    Returns:
+        The repository URL, or the dry-run folder.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f'{output_dir} is not a directory: pass the --output_dir of a training run.')
+    missing = [name for name in REQUIRED_FILES if not (output_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f'{output_dir} lacks {", ".join(missing)}: train first (train_hf.py '
+                                '--output_dir DIR) or pass the output directory of a finished run.')
+    validate_hub_repo_id(repo_id)
+    if dry_run_dir is None:
+        token = resolve_token(token)
+        check_hub_access(repo_id, token)
+    else:
+        dry_run_dir = Path(dry_run_dir)
+        if dry_run_dir.exists() and (not dry_run_dir.is_dir() or any(dry_run_dir.iterdir())):
+            raise ValueError(f'--dry_run folder {dry_run_dir} exists and is not empty: pass a new folder.')
+        # Only used to make sure no file leaks a stored token; a dry run needs none.
+        token = token or get_token()
+
+    render_model_card(output_dir, repo_id=repo_id, license=license)
+    files = files_to_upload(output_dir)
+    _check_no_token_in_files(output_dir, files, token)
+
+    if dry_run_dir is not None:
+        for name in files:
+            target = dry_run_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(output_dir / name, target)
+        logger.info('Dry run: %d files for %s copied to %s: %s', len(files), repo_id, dry_run_dir, ', '.join(files))
+        return dry_run_dir
+
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+    api.upload_folder(repo_id=repo_id, folder_path=output_dir, repo_type='model',
+                      allow_patterns=[_as_exact_pattern(name) for name in files],
+                      commit_message=commit_message)
+    logger.info('Uploaded %d files to %s: %s', len(files), repo_url, ', '.join(files))
+    return str(repo_url)

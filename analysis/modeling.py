@@ -1,0 +1,245 @@
+"""A timm ViT as a transformers model that can return its attention maps.
+
+`TimmViTForImageClassification` is transformers' own `TimmWrapperForImageClassification`
+(same config class, same checkpoint format) with two additions:
+
+* ``output_attentions=True`` returns one ``[B, heads, N, N]`` map per block, equal to
+  ``softmax(q k^T / sqrt(d))``. timm runs fused SDPA, which never materialises these weights, so
+  `capture_attentions` switches the eager path on for that one call only and removes its
+  hooks again; with ``output_attentions`` off the fused path runs untouched.
+* ``save_pretrained`` writes the timm-native checkpoint (``config.json`` + ``model.safetensors``,
+  keys without the ``timm_model.`` prefix, ``num_classes`` kept out of ``model_args``), which
+  timm (``local-dir:`` / ``hf-hub:``), transformers (``AutoModelForImageClassification``,
+  ``pipeline``) and this class all load.
+"""
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.layers import Attention
+from timm.models._hub import save_config_for_hf
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .tokens import TokenLayout
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+
+
+def vit_attention_modules(vit: torch.nn.Module) -> List[Tuple[str, Attention]]:
+    """The attention module of every block of a timm ViT, by exact name (``blocks.{i}.attn``).
+
+    Raises:
+        ValueError: the model has no ViT blocks with timm's standard ``Attention``.
+    """
+    blocks = getattr(vit, 'blocks', None)
+    if not isinstance(blocks, torch.nn.Sequential) or len(blocks) == 0:
+        raise ValueError(
+            f'{type(vit).__name__} has no transformer blocks (model.blocks); attention capture '
+            'needs a timm ViT such as vit_* or deit_*.')
+    modules = []
+    for i, block in enumerate(blocks):
+        attn = getattr(block, 'attn', None)
+        if not isinstance(attn, Attention):
+            raise ValueError(
+                f'blocks.{i}.attn of {type(vit).__name__} is {type(attn).__name__}, not timm '
+                'Attention; only standard ViT attention (vit_*, deit_*) can be captured.')
+        modules.append((f'blocks.{i}.attn', attn))
+    return modules
+
+
+@contextmanager
+def capture_attentions(vit: torch.nn.Module) -> Iterator[List[torch.Tensor]]:
+    """Records the attention probabilities of every block while the context is open.
+
+    Turns each block's eager attention path on (``fused_attn = False``) and hooks the input of
+    ``attn_drop``, which is exactly ``softmax(q k^T * scale)`` (before dropout). On exit the hooks
+    are removed and the fused flags restored, whatever happened inside.
+
+    Yields:
+        a list that fills with one ``[B, H, N, N]`` tensor per block call, in call order.
+    """
+    modules = vit_attention_modules(vit)
+    maps: List[torch.Tensor] = []
+    fused_flags = [attn.fused_attn for _, attn in modules]
+    handles = []
+
+    def record(module, args):
+        maps.append(args[0])  # [B, H, N, N], rows sum to 1
+
+    try:
+        for _, attn in modules:
+            attn.fused_attn = False
+            handles.append(attn.attn_drop.register_forward_pre_hook(record))
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+        for (_, attn), fused in zip(modules, fused_flags):
+            attn.fused_attn = fused
+
+
+def timm_config(vit: torch.nn.Module, label_names: Optional[Sequence[str]] = None) -> Dict:
+    """The timm-native ``config.json`` of a model, loadable by timm and by transformers.
+
+    timm's exporter records ``num_classes`` inside ``model_args`` as well as at the top level;
+    transformers' TimmWrapper passes both to ``create_model`` and fails, so it is dropped from
+    ``model_args`` (the top-level value still sets the head).
+    """
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model_config = {'label_names': list(label_names)} if label_names else None
+        save_config_for_hf(vit, os.path.join(tmp, CONFIG_NAME), model_config=model_config)
+        with open(os.path.join(tmp, CONFIG_NAME)) as f:
+            config = json.load(f)
+    config.get('model_args', {}).pop('num_classes', None)
+    return config
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class TimmViTForImageClassification(TimmWrapperForImageClassification):
+    """transformers' TimmWrapper for a timm ViT, with ``output_attentions`` and a timm-native checkpoint."""
+
+    def __init__(self, config: TimmWrapperConfig):
+        super().__init__(config)
+        # TimmWrapper builds the timm model from its architecture name, which brings the default
+        # pretrained_cfg (224 px, ...); the checkpoint's own one says how its inputs are prepared.
+        pretrained_cfg = getattr(config, 'pretrained_cfg', None)
+        if pretrained_cfg:
+            self.timm_model.pretrained_cfg = {**self.timm_model.pretrained_cfg, **pretrained_cfg}
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        return TokenLayout.from_timm(self.timm_model)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.timm_model.blocks)
+
+    @property
+    def class_names(self) -> List[str]:
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
+    def forward(
+            self,
+            pixel_values: torch.Tensor,
+            labels: Optional[torch.LongTensor] = None,
+            output_attentions: Optional[bool] = None,
+            output_hidden_states: Optional[Union[bool, List[int]]] = None,
+            return_dict: Optional[bool] = None,
+            **kwargs,
+    ) -> ImageClassifierOutput:
+        """Classifies ``pixel_values`` ``[B, 3, H, W]``; see TimmWrapperForImageClassification.
+
+        Args:
+            output_attentions: also return ``attentions``, a tuple with one ``[B, heads, N, N]``
+                tensor per block (N = prefix tokens + patches).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if not output_attentions:
+            return super().forward(
+                pixel_values, labels=labels, output_attentions=False,
+                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+        with capture_attentions(self.timm_model) as maps:
+            out = super().forward(
+                pixel_values, labels=labels, output_attentions=False,
+                output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        if len(maps) != self.num_blocks:
+            raise RuntimeError(f'captured {len(maps)} attention maps from {self.num_blocks} blocks')
+        out.attentions = tuple(maps)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return out if return_dict else out.to_tuple()
+
+    def save_pretrained(
+            self,
+            save_directory: Union[str, os.PathLike],
+            is_main_process: bool = True,
+            state_dict: Optional[Dict[str, torch.Tensor]] = None,
+            **kwargs,
+    ) -> None:
+        """Writes the timm-native checkpoint: ``config.json`` + ``model.safetensors``.
+
+        Both files are written whole or not at all (temporary name, then rename).
+        """
+        if not is_main_process:
+            return
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.timm_model.state_dict()
+        prefix = self.base_model_prefix + '.'
+        state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().contiguous().cpu()
+                      for k, v in state_dict.items()}
+        config = timm_config(self.timm_model, self.class_names)
+        _write_atomic(save_directory / WEIGHTS_NAME, lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
+        _write_atomic(save_directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
+
+    @classmethod
+    def from_timm(
+            cls,
+            model_name: str,
+            *,
+            pretrained: bool = False,
+            label_names: Optional[Sequence[str]] = None,
+            model_args: Optional[Dict] = None,
+    ) -> 'TimmViTForImageClassification':
+        """Builds the model from a timm model name, with a new head for ``label_names``.
+
+        Args:
+            model_name: timm name, e.g. ``vit_base_patch16_224.augreg2_in21k_ft_in1k``.
+            pretrained: load timm's pretrained weights (from the Hub) for everything but the head.
+            label_names: class names; the head gets one output per name. None keeps timm's head.
+            model_args: extra ``timm.create_model`` arguments (depth, img_size, patch_size, ...).
+        """
+        if not timm.is_model(model_name):
+            raise ValueError(
+                f'{model_name!r} is not a timm model name, an output directory or a Hub repo id; '
+                'see timm.list_models("vit_*").')
+        model_args = dict(model_args or {})
+        if 'num_classes' in model_args:
+            raise ValueError('give the classes as label_names, not num_classes in model_args')
+        if label_names is not None:
+            model_args['num_classes'] = len(label_names)
+        vit = timm.create_model(model_name, pretrained=pretrained, **model_args)
+        if not pretrained:
+            # the default pretrained_cfg names weights these parameters do not come from
+            vit.pretrained_cfg = {k: v for k, v in vit.pretrained_cfg.items() if k not in ('tag', 'license')}
+        vit_attention_modules(vit)  # fail early on a model whose attention cannot be captured
+        config = TimmWrapperConfig.from_dict(timm_config(vit, label_names))
+        model = cls(config)
+        model.timm_model.load_state_dict(vit.state_dict())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args, **kwargs):
+        """Loads from an output directory, a Hub repo id (``user/name`` or ``hf-hub:user/name``),
+        or a timm model name (``pretrained=True`` by default; ``label_names`` / ``model_args``
+        as in `from_timm`)."""
+        name = str(pretrained_model_name_or_path)
+        if name.startswith('hf-hub:'):
+            name = name[len('hf-hub:'):]
+        if os.path.isdir(name):
+            if not os.path.isfile(os.path.join(name, CONFIG_NAME)):
+                raise FileNotFoundError(
+                    f'{name} has no {CONFIG_NAME}: pass the output directory of a training run '
+                    '(it holds config.json and model.safetensors).')
+            return super().from_pretrained(name, *args, **kwargs)
+        if '/' in name:
+            return super().from_pretrained(name, *args, **kwargs)
+        kwargs.setdefault('pretrained', True)
+        return cls.from_timm(name, **kwargs)

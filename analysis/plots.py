@@ -1,0 +1,506 @@
+"""Pictures of the attention analysis: arrays in, matplotlib ``Figure`` out.
+
+Every function here is pure: it takes numbers (numpy arrays or torch tensors), a
+:class:`~analysis.tokens.TokenLayout` and names, and returns a ``matplotlib.figure.Figure``.
+Figures are built with ``Figure()`` directly, not ``pyplot``, so nothing is registered in a
+global figure manager (no figure to close, no GUI backend needed). :func:`save_figure` writes
+a PNG atomically. Reading files and choosing what to draw is :mod:`analysis.report`'s job.
+
+Attention maps are drawn DINO-style (Caron et al. 2021, ``visualize_attention.py``): the
+CLS-to-patch row ``[P]`` is reshaped to the patch grid and upsampled by the patch size
+(nearest neighbour), so each patch covers exactly the pixels it was cut from.
+"""
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from analysis.tokens import TokenLayout
+
+_logger = logging.getLogger(__name__)
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+
+DEFAULT_DPI = 110
+ATTENTION_CMAP = 'inferno'
+OVERLAY_ALPHA = 0.6
+# Above this many classes, numbers in confusion-matrix cells become unreadable.
+MAX_CLASSES_WITH_CELL_VALUES = 20
+DEPTH_METRIC_LABELS = {
+    'fg_lift': 'fg_lift (flower share of attention / flower area)',
+    'pointing_game': 'pointing game (top patch on flower)',
+    'entropy': 'entropy of the CLS attention / log P (1 = uniform)',
+    'mean_attention_distance': 'mean attention distance (px)',
+}
+
+
+def _as_numpy(x: ArrayLike) -> np.ndarray:
+    """Tensor / list / array -> numpy; floating tensors (float16 included) become float32."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.float()
+        return x.numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object:  # JSON lists with None (undefined fg_lift) -> NaN, which plots leave out
+        arr = np.array(x, dtype=np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _scale_to_max(attn_map: np.ndarray) -> np.ndarray:
+    """Divides a map by its own maximum so every panel uses the full colour range."""
+    peak = float(attn_map.max())
+    return attn_map / peak if peak > 0 else attn_map
+
+
+def upsample_to_image(patch_values: ArrayLike, layout: TokenLayout) -> np.ndarray:
+    """Patch values ``[P]`` -> pixel map ``[H, W]`` (nearest neighbour, one block per patch).
+
+    Args:
+        patch_values: one value per patch, ``[P]``, row-major.
+        layout: token layout of the model.
+
+    Returns:
+        ``[grid_h * patch_h, grid_w * patch_w]`` float32 array.
+    """
+    grid = layout.to_grid(torch.as_tensor(_as_numpy(patch_values)))  # [gh, gw]
+    return np.kron(grid.numpy(), np.ones(layout.patch_size, dtype=np.float32))  # [H, W]
+
+
+def _check_image(image: np.ndarray, layout: TokenLayout) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f'expected an RGB image [H, W, 3], got shape {tuple(image.shape)}')
+    if tuple(image.shape[:2]) != tuple(layout.image_size):
+        raise ValueError(
+            f'image is {tuple(image.shape[:2])} px but the patch grid covers {layout.image_size} px; '
+            'store the model-input crop of the image (the summary\'s example_images) with its layout.')
+
+
+def _overlay(ax: Axes, image: Optional[np.ndarray], patch_values: ArrayLike, layout: TokenLayout) -> None:
+    """Draws one attention map, scaled to its own max, over ``image`` (or alone when None)."""
+    attn = _scale_to_max(upsample_to_image(patch_values, layout))  # [H, W]
+    if image is not None:
+        ax.imshow(image)
+        ax.imshow(attn, cmap=ATTENTION_CMAP, alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(attn, cmap=ATTENTION_CMAP, vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_figure(fig: Figure, path: Union[str, Path], dpi: int = DEFAULT_DPI) -> Path:
+    """Writes ``fig`` as a PNG, whole or not at all (temporary file, then ``os.replace``).
+
+    Args:
+        fig: the figure.
+        path: destination ``.png``; missing parent folders are created.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            fig.savefig(f, format='png', dpi=dpi, bbox_inches='tight')
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are for readers
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _logger.debug('wrote %s', path)
+    return path
+
+
+def layer_grid(
+        images: ArrayLike,
+        cls_maps: ArrayLike,
+        rollout: ArrayLike,
+        layout: TokenLayout,
+        row_titles: List[str],
+) -> Figure:
+    """One row per example image: the image, the CLS map of every layer, and the rollout.
+
+    Args:
+        images: ``[E, H, W, 3]`` uint8 model-input crops.
+        cls_maps: ``[E, L, P]`` CLS-to-patch attention per layer, averaged over heads.
+        rollout: ``[E, P]`` CLS row of attention rollout (patches only).
+        layout: token layout of the model.
+        row_titles: ``E`` labels, e.g. ``"true: daisy / pred: daisy ✓"``.
+
+    Returns:
+        Figure with ``E`` rows and ``L + 2`` columns ("image", "L1".."LL", "rollout").
+    """
+    images = _as_numpy(images)
+    cls_maps = _as_numpy(cls_maps)
+    rollout = _as_numpy(rollout)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f'expected example images [E, H, W, 3] with E > 0, got shape {images.shape}')
+    num_examples, num_layers = cls_maps.shape[:2]
+    if not (len(images) == num_examples == len(rollout) == len(row_titles)):
+        raise ValueError(
+            f'got {len(images)} images, {num_examples} CLS maps, {len(rollout)} rollout maps and '
+            f'{len(row_titles)} row titles; pass one of each per example.')
+    ncols = num_layers + 2
+    fig = Figure(figsize=(1.15 * ncols, 1.1 * num_examples + 0.6), layout='constrained')
+    axes = fig.subplots(num_examples, ncols, squeeze=False)
+    col_titles = ['image'] + [f'L{i + 1}' for i in range(num_layers)] + ['rollout']
+    for e in range(num_examples):
+        image = images[e]
+        _check_image(image, layout)
+        axes[e, 0].imshow(image)
+        axes[e, 0].set_xticks([])
+        axes[e, 0].set_yticks([])
+        axes[e, 0].set_ylabel(row_titles[e], fontsize=9, rotation=0, ha='right', va='center')
+        for layer in range(num_layers):
+            _overlay(axes[e, layer + 1], image, cls_maps[e, layer], layout)
+        _overlay(axes[e, -1], image, rollout[e], layout)
+    for c, title in enumerate(col_titles):
+        axes[0, c].set_title(title, fontsize=11)
+    fig.suptitle('CLS-to-patch attention per layer (mean over heads) and rollout; '
+                 'each map scaled to its own maximum', fontsize=12)
+    return fig
+
+
+def head_maps(image: ArrayLike, cls_attention_layer: ArrayLike, layout: TokenLayout, layer: int) -> Figure:
+    """The CLS map of every head of one layer, plus their mean, over one image.
+
+    Args:
+        image: ``[H, W, 3]`` uint8 model-input crop.
+        cls_attention_layer: ``[num_heads, P]`` CLS-to-patch attention of each head.
+        layout: token layout of the model.
+        layer: 1-based layer number, for the title.
+
+    Returns:
+        Figure with panels "image", "head 1".."head H", "mean".
+    """
+    image = _as_numpy(image)
+    _check_image(image, layout)
+    per_head = _as_numpy(cls_attention_layer)  # [H, P]
+    num_heads = per_head.shape[0]
+    num_panels = num_heads + 2
+    ncols = min(num_panels, 7)
+    nrows = -(-num_panels // ncols)
+    fig = Figure(figsize=(1.6 * ncols, 1.75 * nrows + 0.5), layout='constrained')
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    axes[0].imshow(image)
+    axes[0].set_title('image', fontsize=9)
+    for h in range(num_heads):
+        _overlay(axes[h + 1], image, per_head[h], layout)
+        axes[h + 1].set_title(f'head {h + 1}', fontsize=9)
+    _overlay(axes[num_heads + 1], image, per_head.mean(axis=0), layout)
+    axes[num_heads + 1].set_title('mean', fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[num_panels:]:
+        ax.set_axis_off()
+    fig.suptitle(f'Layer {layer}: CLS-to-patch attention of each head; '
+                 'each map scaled to its own maximum', fontsize=10)
+    return fig
+
+
+def class_mean_maps(class_maps: ArrayLike, class_names: List[str], layout: TokenLayout) -> Figure:
+    """Mean CLS map of each class (rows) at each layer (columns).
+
+    Args:
+        class_maps: ``[C, L, P]`` head-averaged CLS-to-patch attention, averaged over the images
+            of each class.
+        class_names: ``C`` row labels.
+        layout: token layout of the model.
+
+    Returns:
+        Figure with ``C`` rows and ``L`` columns of attention maps (no image underneath).
+    """
+    class_maps = _as_numpy(class_maps)
+    num_classes, num_layers = class_maps.shape[:2]
+    if num_classes != len(class_names) or num_classes == 0:
+        raise ValueError(f'got {num_classes} class maps and {len(class_names)} class names; '
+                         'pass one name per map (and at least one).')
+    gh, gw = layout.grid_size
+    cell = 1.0 * max(gw / gh, 1.0)
+    fig = Figure(figsize=(cell * num_layers + 1.2, 1.0 * num_classes + 0.7), layout='constrained')
+    axes = fig.subplots(num_classes, num_layers, squeeze=False)
+    for c in range(num_classes):
+        for layer in range(num_layers):
+            _overlay(axes[c, layer], None, class_maps[c, layer], layout)
+        axes[c, 0].set_ylabel(class_names[c], fontsize=9, rotation=0, ha='right', va='center')
+    for layer in range(num_layers):
+        axes[0, layer].set_title(f'L{layer + 1}', fontsize=9)
+    fig.suptitle('Mean CLS attention per class and layer; each map scaled to its own maximum', fontsize=10)
+    return fig
+
+
+def _plot_depth_metric(ax: Axes, name: str, metric: Mapping, num_layers: int) -> None:
+    """Thin line per head, thick line for the head-averaged map, x = layer 1..L."""
+    x = np.arange(1, num_layers + 1)
+    per_head = _as_numpy(metric['per_head'])  # [L, H]
+    mean = _as_numpy(metric['mean'])  # [L]
+    if per_head.shape[0] != num_layers or mean.shape[0] != num_layers:
+        raise ValueError(f'metric {name!r} has {mean.shape[0]} layers (per_head: {per_head.shape[0]}), '
+                         f'expected {num_layers}.')
+    for h in range(per_head.shape[1]):
+        ax.plot(x, per_head[:, h], color='tab:blue', alpha=0.35, linewidth=0.8,
+                label='single head' if h == 0 else None)
+    ax.plot(x, mean, color='black', linewidth=2.5, marker='o', markersize=3, label='head-mean map')
+    ax.set_title(DEPTH_METRIC_LABELS.get(name, name), fontsize=9)
+    ax.set_xlabel('layer')
+    ax.set_xticks(x)
+
+
+def depth_curves(metrics: Mapping) -> Figure:
+    """Attention metrics over depth, one subplot per metric (schema of ``attention_metrics.json``).
+
+    Draws fg_lift (dashed line at 1.0, "no preference"), pointing game (dashed chance level = the
+    flower's share of the image), entropy and mean attention distance, each that is present.
+    Metrics that are absent (no masks, no full attention maps) are named under the plots with the
+    reason from ``metrics["omitted"]``.
+
+    Args:
+        metrics: the parsed ``attention_metrics.json``.
+
+    Returns:
+        The figure.
+    """
+    layers = metrics['layers']
+    num_layers = int(metrics['num_layers'])
+    names = [n for n in DEPTH_METRIC_LABELS if n in layers]
+    if not names:
+        raise ValueError(f'attention_metrics.json has none of the layer metrics {list(DEPTH_METRIC_LABELS)}; '
+                         're-run the attention analysis.')
+    omitted = metrics.get('omitted', {})
+    missing = [n for n in DEPTH_METRIC_LABELS if n not in layers]
+    ncols = min(len(names), 2)
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.2 * nrows + (0.5 if missing else 0.0)), layout='constrained')
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, name in zip(axes, names):
+        _plot_depth_metric(ax, name, layers[name], num_layers)
+        if name == 'fg_lift':
+            ax.axhline(1.0, color='tab:red', linestyle='--', linewidth=1, label='no preference (1.0)')
+        elif name == 'pointing_game':
+            if 'flower_area' not in metrics:
+                raise ValueError('attention_metrics.json has a pointing game but no flower_area (its chance '
+                                 'level); re-run the attention analysis.')
+            chance = float(metrics['flower_area'])
+            ax.axhline(chance, color='tab:red', linestyle='--', linewidth=1, label=f'chance ({chance:.0%})')
+            ax.set_ylim(0.0, 1.0)
+        elif name == 'entropy':
+            ax.set_ylim(0.0, 1.05)
+        ax.legend(fontsize=7)
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    if missing:
+        lines = [f'{n} omitted: {omitted.get(n, "not in attention_metrics.json")}' for n in missing]
+        fig.text(0.5, -0.01, '\n'.join(lines), ha='center', va='top', fontsize=8)
+    fig.suptitle(f'CLS attention over depth ({int(metrics["num_images"])} images)', fontsize=10)
+    return fig
+
+
+def confusion_matrix_figure(cm: ArrayLike, class_names: List[str]) -> Figure:
+    """Confusion matrix (rows = true class, columns = predicted class).
+
+    Args:
+        cm: ``[C, C]`` integer counts.
+        class_names: ``C`` names in the order of the rows.
+
+    Returns:
+        The figure; cell values are written when there are at most 20 classes.
+    """
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    cm = _as_numpy(cm)
+    num_classes = len(class_names)
+    if cm.shape != (num_classes, num_classes):
+        raise ValueError(f'confusion matrix is {cm.shape} but there are {num_classes} class names.')
+    side = max(4.0, 0.32 * num_classes + 2.0)
+    fig = Figure(figsize=(side + 1.0, side), layout='constrained')
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(cm, display_labels=class_names).plot(
+        ax=ax, cmap='Blues', xticks_rotation='vertical', colorbar=True,
+        include_values=num_classes <= MAX_CLASSES_WITH_CELL_VALUES)
+    if num_classes > MAX_CLASSES_WITH_CELL_VALUES:
+        ax.tick_params(labelsize=6)
+    ax.set_title('Confusion matrix (rows: true, columns: predicted)', fontsize=10)
+    return fig
+
+
+def f1_bars(f1_per_class: Mapping[str, float]) -> Figure:
+    """Horizontal bars of the F1 score of each class, best at the top.
+
+    Args:
+        f1_per_class: ``{class name: f1}``.
+
+    Returns:
+        The figure.
+    """
+    if not f1_per_class:
+        raise ValueError('f1_per_class is empty; nothing to draw.')
+    items = sorted(f1_per_class.items(), key=lambda kv: kv[1])  # worst first = bottom bar
+    names = [k for k, _ in items]
+    values = np.array([float(v) for _, v in items])
+    fig = Figure(figsize=(6.0, 0.28 * len(items) + 1.2), layout='constrained')
+    ax = fig.subplots()
+    y = np.arange(len(items))
+    ax.barh(y, values, color='tab:green')
+    ax.set_yticks(y, names, fontsize=8 if len(items) <= 30 else 6)
+    for yi, v in zip(y, values):
+        ax.text(min(v + 0.01, 1.0), yi, f'{v:.2f}', va='center', fontsize=7)
+    ax.set_xlim(0.0, 1.08)
+    ax.set_xlabel('F1')
+    ax.set_title('F1 per class', fontsize=10)
+    return fig
+
+
+def background_figure(background: Mapping) -> Figure:
+    """Accuracy per background variant (and fg_lift over depth per variant when present).
+
+    Args:
+        background: ``{"variants": {name: {"accuracy": f, "macro_f1": f, "fg_lift": [L]}},
+            "bg_gap": f}``; ``macro_f1``, ``fg_lift`` and ``bg_gap`` are optional.
+
+    Returns:
+        The figure.
+    """
+    variants = background.get('variants') or {}
+    if not variants:
+        raise ValueError('background.json has no "variants"; nothing to draw. Re-run the background study.')
+    names = list(variants)
+    with_lift = [n for n in names if variants[n].get('fg_lift') is not None]
+    fig = Figure(figsize=(5.5 + (4.5 if with_lift else 0.0), 3.6), layout='constrained')
+    axes = fig.subplots(1, 2 if with_lift else 1, squeeze=False).ravel()
+    ax = axes[0]
+    x = np.arange(len(names))
+    has_f1 = all('macro_f1' in variants[n] for n in names)
+    width = 0.4 if has_f1 else 0.6
+    acc = [float(variants[n]['accuracy']) for n in names]
+    bars = ax.bar(x - (width / 2 if has_f1 else 0.0), acc, width, label='accuracy', color='tab:blue')
+    ax.bar_label(bars, fmt='%.2f', fontsize=7)
+    if has_f1:
+        f1 = [float(variants[n]['macro_f1']) for n in names]
+        bars = ax.bar(x + width / 2, f1, width, label='macro F1', color='tab:orange')
+        ax.bar_label(bars, fmt='%.2f', fontsize=7)
+    ax.set_xticks(x, names, rotation=30, ha='right', fontsize=8)
+    ax.set_ylim(0.0, 1.1)
+    ax.legend(fontsize=7, loc='lower right')
+    title = 'Accuracy per background variant'
+    if 'bg_gap' in background:
+        title += f' (bg_gap {float(background["bg_gap"]):.2f})'
+    ax.set_title(title, fontsize=10)
+    if with_lift:
+        ax = axes[1]
+        for n in with_lift:
+            lift = _as_numpy(variants[n]['fg_lift'])
+            ax.plot(np.arange(1, len(lift) + 1), lift, marker='o', markersize=3, label=n)
+        ax.axhline(1.0, color='tab:red', linestyle='--', linewidth=1, label='no preference')
+        ax.set_xlabel('layer')
+        ax.set_title('fg_lift over depth per variant', fontsize=10)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _draw_pruning(ax: Axes, pruning: Mapping, baseline: Optional[float]) -> None:
+    """Accuracy against the number of heads removed by greedy pruning."""
+    acc = _as_numpy(pruning['accuracy'])
+    num_removed = len(pruning.get('removed', acc))
+    # The curve may or may not include the starting point (nothing removed).
+    start = 0 if len(acc) == num_removed + 1 else 1
+    ax.plot(np.arange(start, start + len(acc)), acc, marker='.', color='tab:purple')
+    if baseline is not None:
+        ax.axhline(baseline - 0.01, color='tab:red', linestyle='--', linewidth=1, label='baseline - 1 point')
+        ax.legend(fontsize=7)
+    total = pruning.get('num_prunable')
+    ax.set_xlabel('heads removed' + (f' (of {int(total)})' if total is not None else ''))
+    ax.set_ylabel('accuracy')
+    ax.set_title('Greedy head pruning', fontsize=10)
+
+
+def importance_figure(importance: Mapping) -> Figure:
+    """Layer and head importance: every key present in ``importance`` gets a panel.
+
+    Args:
+        importance: ``{"probe_accuracy": [L], "layer_skip_accuracy": [L], "truncate_accuracy": [L],
+            "head_ablation_accuracy": [[H]*L], "baseline_accuracy": f, "greedy_pruning":
+            {"removed": [[layer, head], ...], "accuracy": [...], "num_prunable": n}}``, all optional.
+
+    Returns:
+        The figure.
+    """
+    baseline = importance.get('baseline_accuracy')
+    baseline = None if baseline is None else float(baseline)
+
+    def baseline_line(ax: Axes) -> None:
+        if baseline is not None:
+            ax.axhline(baseline, color='black', linestyle='--', linewidth=1, label=f'full model ({baseline:.2f})')
+
+    panels = []
+    if importance.get('probe_accuracy') is not None:
+        def draw_probe(ax: Axes) -> None:
+            acc = _as_numpy(importance['probe_accuracy'])
+            ax.plot(np.arange(1, len(acc) + 1), acc, marker='o', markersize=3, label='linear probe on CLS')
+            baseline_line(ax)
+            ax.set_xlabel('layer')
+            ax.set_ylabel('accuracy')
+            ax.set_title('Linear probe per layer', fontsize=10)
+            ax.legend(fontsize=7)
+        panels.append(draw_probe)
+    if importance.get('layer_skip_accuracy') is not None:
+        def draw_skip(ax: Axes) -> None:
+            acc = _as_numpy(importance['layer_skip_accuracy'])
+            ax.bar(np.arange(1, len(acc) + 1), acc, color='tab:orange', label='layer skipped')
+            baseline_line(ax)
+            top = max(float(np.nanmax(acc)), baseline if baseline is not None else 0.0)
+            ax.set_ylim(0.0, 1.2 * top)  # room for the legend above the bars
+            ax.set_xlabel('skipped layer')
+            ax.set_ylabel('accuracy')
+            ax.set_title('Accuracy with one layer skipped', fontsize=10)
+            ax.legend(fontsize=7, loc='upper center', ncol=2)
+        panels.append(draw_skip)
+    if importance.get('truncate_accuracy') is not None:
+        def draw_truncate(ax: Axes) -> None:
+            acc = _as_numpy(importance['truncate_accuracy'])
+            ax.plot(np.arange(len(acc)), acc, marker='o', markersize=3, color='tab:green', label='probe, truncated')
+            baseline_line(ax)
+            ax.set_xlabel('last blocks removed')
+            ax.set_ylabel('accuracy')
+            ax.set_title('Truncated model (probe)', fontsize=10)
+            ax.legend(fontsize=7)
+        panels.append(draw_truncate)
+    if importance.get('head_ablation_accuracy') is not None:
+        def draw_heads(ax: Axes) -> None:
+            acc = _as_numpy(importance['head_ablation_accuracy'])  # [L, H]
+            values = (baseline - acc) if baseline is not None else acc
+            im = ax.imshow(values, cmap='Reds' if baseline is not None else 'viridis', aspect='auto')
+            ax.figure.colorbar(im, ax=ax)
+            ax.set_xticks(np.arange(acc.shape[1]), np.arange(1, acc.shape[1] + 1), fontsize=7)
+            ax.set_yticks(np.arange(acc.shape[0]), np.arange(1, acc.shape[0] + 1), fontsize=7)
+            ax.set_xlabel('head')
+            ax.set_ylabel('layer')
+            ax.set_title('Accuracy drop when one head is ablated' if baseline is not None
+                         else 'Accuracy with one head ablated', fontsize=10)
+        panels.append(draw_heads)
+    if importance.get('greedy_pruning') is not None:
+        panels.append(lambda ax: _draw_pruning(ax, importance['greedy_pruning'], baseline))
+    if not panels:
+        raise ValueError('importance.json has none of probe_accuracy, layer_skip_accuracy, truncate_accuracy, '
+                         'head_ablation_accuracy, greedy_pruning; nothing to draw. Re-run the importance study.')
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout='constrained')
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, draw in zip(axes, panels):
+        draw(ax)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return fig

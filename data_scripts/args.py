@@ -1,0 +1,132 @@
+"""Command-line arguments of the data layer (parsed by transformers.HfArgumentParser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .synthetic_flowers import BACKGROUND_MODES, MAX_CLASSES
+
+
+@dataclass
+class DataArguments:
+    """Which flower images to train and evaluate on (names follow transformers'
+    run_image_classification.py example)."""
+
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={
+            "aliases": ["--dataset"],
+            "help": (
+                "'synthetic' (procedural flowers with masks, offline), 'oxford102' (official "
+                "Oxford Flowers-102 files in --data_dir), or a Hub dataset id / local folder in "
+                "Hub layout (parquet or imagefolder) loaded with datasets.load_dataset."
+            ),
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Configuration name of the Hub dataset, if it has several."}
+    )
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Folder with Oxford-102's official files (102flowers.tgz, imagelabels.mat, setid.mat, "
+            "optionally 102segmentations.tgz); also passed to load_dataset for Hub datasets."
+        },
+    )
+    train_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Image folder with one sub-folder per class; when given it wins over --dataset_name."},
+    )
+    validation_dir: Optional[str] = field(
+        default=None, metadata={"help": "Validation image folder (same class sub-folders as --train_dir)."}
+    )
+    test_dir: Optional[str] = field(
+        default=None, metadata={"help": "Test image folder (same class sub-folders as --train_dir)."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    mask_column_name: str = field(
+        default="mask",
+        metadata={
+            "help": "Column holding flower masks (255 = flower), if the dataset has them; a non-default "
+            "name must exist."
+        },
+    )
+    train_val_split: Optional[float] = field(
+        default=0.15,
+        metadata={"help": "Fraction of train split off (stratified, seeded) as validation when there is none."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep at most this many training images (for quick runs)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep at most this many validation and test images each."}
+    )
+    strict_images: bool = field(
+        default=False,
+        metadata={"help": "Fail on unreadable images instead of skipping them (and listing them in data_report.json)."},
+    )
+    synthetic_num_classes: int = field(
+        default=5, metadata={"help": f"Synthetic set: number of flower species (2..{MAX_CLASSES})."}
+    )
+    synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic set: image side in pixels."})
+    synthetic_train_per_class: int = field(default=300, metadata={"help": "Synthetic set: training images per class."})
+    synthetic_validation_per_class: int = field(
+        default=40, metadata={"help": "Synthetic set: validation images per class (0: split from train)."}
+    )
+    synthetic_test_per_class: int = field(
+        default=100, metadata={"help": "Synthetic set: test images per class (0: no test split)."}
+    )
+    synthetic_background: str = field(
+        default="random",
+        metadata={
+            "help": "Synthetic set: 'random' (background independent of class) or 'correlated' (class c "
+            "mostly on background family c: a spurious cue)."
+        },
+    )
+    synthetic_bg_correlation: float = field(
+        default=0.9,
+        metadata={"help": "Synthetic set, 'correlated' mode: share of images on their class's background family."},
+    )
+    synthetic_seed: int = field(default=0, metadata={"help": "Synthetic set: seed of every random draw."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "datasets cache folder."})
+
+    def __post_init__(self) -> None:
+        if self.train_dir is None and not self.dataset_name:
+            raise ValueError("--dataset_name is empty: give 'synthetic', 'oxford102', a Hub id, or --train_dir.")
+        if self.train_dir is None and (self.validation_dir is not None or self.test_dir is not None):
+            raise ValueError("--validation_dir / --test_dir need --train_dir as well.")
+        if self.train_dir is None and self.dataset_name == "oxford102" and self.data_dir is None:
+            raise ValueError(
+                "--dataset_name oxford102 needs --data_dir: a folder with 102flowers.tgz, imagelabels.mat and "
+                "setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/."
+            )
+        for flag in ("image_column_name", "label_column_name", "mask_column_name"):
+            if not getattr(self, flag):
+                raise ValueError(f"--{flag} must not be empty.")
+        if len({self.image_column_name, self.label_column_name, self.mask_column_name}) < 3:
+            raise ValueError("--image_column_name, --label_column_name and --mask_column_name must differ.")
+        if self.train_val_split is not None and not 0.0 < self.train_val_split < 1.0:
+            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be >= 1 (or unset), got {value}.")
+        if not 2 <= self.synthetic_num_classes <= MAX_CLASSES:
+            raise ValueError(f"--synthetic_num_classes must be in 2..{MAX_CLASSES}, got {self.synthetic_num_classes}.")
+        if self.synthetic_image_size < 16:
+            raise ValueError(f"--synthetic_image_size must be >= 16, got {self.synthetic_image_size}.")
+        if self.synthetic_train_per_class < 1:
+            raise ValueError(f"--synthetic_train_per_class must be >= 1, got {self.synthetic_train_per_class}.")
+        for flag in ("synthetic_validation_per_class", "synthetic_test_per_class"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}.")
+        if self.synthetic_background not in BACKGROUND_MODES:
+            raise ValueError(
+                f"--synthetic_background must be one of {list(BACKGROUND_MODES)}, got {self.synthetic_background!r}."
+            )
+        if not 0.0 <= self.synthetic_bg_correlation <= 1.0:
+            raise ValueError(f"--synthetic_bg_correlation must be in [0, 1], got {self.synthetic_bg_correlation}.")
+        if self.synthetic_seed < 0:
+            raise ValueError(f"--synthetic_seed must be >= 0, got {self.synthetic_seed}.")

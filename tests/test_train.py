@@ -1,0 +1,168 @@
+"""train_hf.py end to end on tiny data: the CLI, resume after a kill, two accelerate processes, bad images."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}'
+TINY_DATA = ['--synthetic_train_per_class', '8', '--synthetic_validation_per_class', '2',
+             '--synthetic_test_per_class', '4', '--synthetic_image_size', '32']
+
+
+def tiny_args(output_dir, *extra):
+    return ['--output_dir', str(output_dir), '--model_args', TINY_MODEL, *TINY_DATA,
+            '--per_device_train_batch_size', '8', '--per_device_eval_batch_size', '16',
+            '--eval_strategy', 'no', '--save_strategy', 'no', '--report_to', 'none',
+            '--disable_tqdm', 'true', *extra]
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false')
+    env.pop('HF_TOKEN', None)
+    return env
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    """The real main() on tiny data leaves every artifact a user reads."""
+    out = tmp_path / 'run'
+    metrics = train_hf.main(tiny_args(out, '--max_steps', '3', '--seed', '1'))
+    results = json.loads((out / 'all_results.json').read_text())
+    names = results['test_class_names']
+    assert results['test_accuracy'] == pytest.approx(metrics['test_accuracy'])
+    assert 0.0 <= results['test_macro_f1'] <= 1.0
+    assert set(results['test_f1_per_class']) == set(names)
+    assert np.asarray(results['test_confusion_matrix']).sum() == len(names) * 4
+    for name in ('config.json', 'model.safetensors', 'run_config.json', 'data_report.json',
+                 'attentions.safetensors', 'attention_metrics.json', 'report.html', 'README.md'):
+        assert (out / name).is_file(), name
+    run_config = json.loads((out / 'run_config.json').read_text())
+    assert run_config['model']['model_args']['depth'] == 2
+    assert run_config['training']['seed'] == 1
+
+
+def test_json_config_and_flag_errors(tmp_path):
+    config = tmp_path / 'c.json'
+    config.write_text(json.dumps({'output_dir': str(tmp_path / 'o'), 'model_args': TINY_MODEL, 'max_steps': 1}))
+    model_args, data_args, training_args = train_hf.parse_args([str(config)])
+    assert training_args.max_steps == 1 and data_args.dataset_name == 'synthetic'
+    assert model_args.timm_kwargs['depth'] == 2
+    with pytest.raises(ValueError, match='--model_args'):
+        train_hf.parse_args(['--model_args', '{not json'])
+    # no arguments: the embedded demo
+    model_args, data_args, training_args = train_hf.parse_args([])
+    assert model_args.timm_kwargs['depth'] == 12 and not model_args.pretrained
+    assert data_args.dataset_name == 'synthetic'
+    demo = json.loads((ROOT / 'configs' / 'synthetic_demo.json').read_text())
+    from_file = train_hf.parse_args([str(ROOT / 'configs' / 'synthetic_demo.json')])
+    assert [vars(a) for a in from_file[:2]] == [vars(model_args), vars(data_args)]
+    assert from_file[2].learning_rate == training_args.learning_rate == demo['learning_rate']
+
+
+def test_last_complete_checkpoint_skips_partial(tmp_path):
+    for step, complete in ((2, True), (4, False)):
+        d = tmp_path / f'checkpoint-{step}'
+        d.mkdir()
+        (d / 'model.safetensors').write_bytes(b'x')
+        if complete:
+            (d / 'trainer_state.json').write_text('{}')
+    (tmp_path / 'checkpoint-6').mkdir()
+    (tmp_path / 'checkpoint-6' / 'trainer_state.json').write_text('{"cut')
+    assert train_hf.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-2')
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
+    """SIGKILL mid-run, start again with the same --output_dir: it resumes and ends with the same weights."""
+    args = ['--max_steps', '40', '--save_strategy', 'steps', '--save_steps', '5', '--seed', '3',
+            '--model_args', '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}',
+            '--synthetic_train_per_class', '40', '--per_device_train_batch_size', '16', '--analysis_batches', '1']
+    cmd = [sys.executable, str(ROOT / 'train_hf.py')]
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    subprocess.run(cmd + tiny_args(full, *args), check=True, env=subprocess_env(), cwd=tmp_path,
+                   capture_output=True)
+
+    proc = subprocess.Popen(cmd + tiny_args(killed, *args), env=subprocess_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / 'checkpoint-5' / 'trainer_state.json').exists():
+        assert proc.poll() is None, 'the run ended before its first checkpoint'
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / 'model.safetensors').exists(), 'the run finished before it could be killed'
+
+    resumed = subprocess.run(cmd + tiny_args(killed, *args), env=subprocess_env(), cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resuming training from' in (resumed.stdout + resumed.stderr)
+    a, b = load_file(full / 'model.safetensors'), load_file(killed / 'model.safetensors')
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f'resumed weights differ from the uninterrupted run by {worst}'
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo ranks train and rank 0 writes."""
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29533',
+           str(ROOT / 'train_hf.py'), *tiny_args(out, '--max_steps', '2', '--analysis_batches', '1')]
+    env = subprocess_env() | {'ACCELERATE_USE_CPU': 'true'}
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert 'Process rank: 1' in log and 'distributed' in log
+    run_config = json.loads((out / 'run_config.json').read_text())
+    assert run_config['environment']['num_processes'] == 2
+    assert (out / 'all_results.json').is_file()
+
+
+def _write_folder(root: Path, bad: bool):
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 6), ('validation', 2)):
+        for cls, hue in (('red', 0), ('blue', 2)):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.zeros((32, 32, 3), np.uint8)
+                pixels[..., hue] = rng.integers(150, 255, (32, 32))
+                Image.fromarray(pixels).save(d / f'{i}.png')
+    if bad:
+        (root / 'train' / 'red' / 'empty.jpg').write_bytes(b'')
+        (root / 'train' / 'blue' / 'notes.png').write_text('not an image')
+
+
+@pytest.mark.slow
+def test_image_folder_with_bad_images(tmp_path):
+    data = tmp_path / 'data'
+    _write_folder(data, bad=True)
+    out = tmp_path / 'run'
+    args = tiny_args(out, '--max_steps', '2', '--train_dir', str(data / 'train'),
+                     '--validation_dir', str(data / 'validation'))
+    train_hf.main(args)
+    report = json.loads((out / 'data_report.json').read_text())
+    assert report['num_skipped'] == 2
+    assert {Path(s['path']).name for s in report['skipped']} == {'empty.jpg', 'notes.png'}
+    results = json.loads((out / 'all_results.json').read_text())
+    assert results['test_split'] == 'validation'
+    assert sorted(results['test_class_names']) == ['blue', 'red']
+
+    with pytest.raises(ValueError, match='empty.jpg'):
+        train_hf.main(tiny_args(tmp_path / 'strict', '--max_steps', '1', '--train_dir', str(data / 'train'),
+                                '--strict_images', 'true'))

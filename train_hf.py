@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Fine-tune a timm ViT on flower images with the Hugging Face Trainer, then look inside it.
+
+    python train_hf.py                                    # embedded default: synthetic flowers, offline
+    python train_hf.py configs/synthetic_demo.json        # the same, from its config file
+    accelerate launch train_hf.py configs/oxford102_vit_base.json   # pretrained ViT-B/16, one or many GPUs
+
+With no arguments every flag takes its default, which is the embedded demo: a 12-layer,
+width-96 ViT trained from scratch at 64 px on procedurally generated flowers with masks.
+Every TrainingArguments flag works (--output_dir, --max_steps, --seed, --push_to_hub,
+--resume_from_checkpoint, --report_to tensorboard, ...). A run killed mid-way and started
+again with the same --output_dir resumes from its last complete checkpoint.
+"""
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import datasets
+import numpy as np
+import timm
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from analysis.metrics import classification_metrics
+from analysis.modeling import TimmViTForImageClassification
+from analysis.transforms import batch_transform, collate, eval_transform, model_data_config, train_transform
+from data_scripts import DataArguments, check_images, load_flower_dataset, write_data_report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune. Defaults are the embedded demo's small ViT."""
+    model_name_or_path: str = field(
+        default='vit_tiny_patch16_224',
+        metadata={'help': 'timm model name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k), a Hub repo id, '
+                          'or the output directory of an earlier run.'})
+    pretrained: bool = field(
+        default=False,
+        metadata={'help': 'Load timm pretrained weights (from the Hub) for a timm model name. '
+                          'The embedded demo trains from scratch.'})
+    model_args: Optional[str] = field(
+        default='{"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 12, "num_heads": 3}',
+        metadata={'help': 'JSON dict of extra timm.create_model arguments (depth, img_size, patch_size, '
+                          'drop_path_rate, ...). Use "{}" for the model as timm defines it.'})
+    min_crop_scale: float = field(
+        default=0.08,
+        metadata={'help': 'Lower bound of the random-resized-crop area in training (timm default 0.08).'})
+    analysis_batches: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Attention extraction after training: at most this many test batches (default: all).'})
+
+    def __post_init__(self):
+        try:
+            parsed = json.loads(self.model_args) if isinstance(self.model_args, str) else (self.model_args or {})
+        except json.JSONDecodeError as e:
+            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}: {e}') from e
+        if not isinstance(parsed, dict):
+            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}')
+        self.model_args = json.dumps(parsed)
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f'--min_crop_scale must be in (0, 1], got {self.min_crop_scale}')
+
+    @property
+    def timm_kwargs(self) -> Dict:
+        return json.loads(self.model_args)
+
+
+@dataclass
+class FlowerTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with defaults that run the embedded demo in a few CPU minutes."""
+    output_dir: Optional[str] = field(default='outputs/synthetic_demo', metadata={'help': 'Where to write everything.'})
+    learning_rate: float = field(default=1e-3, metadata={'help': 'Peak AdamW learning rate.'})
+    weight_decay: float = field(default=0.05, metadata={'help': 'AdamW weight decay.'})
+    warmup_steps: float = field(default=0.05, metadata={'help': 'Warmup steps, or a ratio of all steps if < 1.'})
+    lr_scheduler_type: str = field(default='cosine', metadata={'help': 'Learning-rate schedule.'})
+    num_train_epochs: float = field(default=18.0, metadata={'help': 'Training epochs.'})
+    per_device_train_batch_size: int = field(default=64, metadata={'help': 'Batch size per device for training.'})
+    per_device_eval_batch_size: int = field(default=128, metadata={'help': 'Batch size per device for evaluation.'})
+    eval_strategy: str = field(default='epoch', metadata={'help': 'When to evaluate on the validation split.'})
+    save_strategy: str = field(default='epoch', metadata={'help': 'When to save a checkpoint.'})
+    save_total_limit: Optional[int] = field(default=2, metadata={'help': 'Checkpoints to keep.'})
+    logging_steps: float = field(default=10, metadata={'help': 'Log every N steps.'})
+    remove_unused_columns: bool = field(default=False, metadata={'help': 'Keep the image column for transforms.'})
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataArguments, FlowerTrainingArguments]:
+    """Flags, or a single ``.json`` config file, into the three argument dataclasses."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlowerTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith('.json'):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format='%(asctime)s - %(levelname)s - %(name)s - %(message)s', datefmt='%m/%d/%Y %H:%M:%S',
+        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    for lib_logger in (logger, logging.getLogger('analysis'), logging.getLogger('data_scripts')):
+        lib_logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.warning(
+        f'Process rank: {training_args.process_index}, device: {training_args.device}, '
+        f'n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value}')
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-*`` in output_dir that was written to the end.
+
+    Trainer writes trainer_state.json last, so a run killed while saving leaves a checkpoint
+    without it (or with a cut-off one); such a folder is skipped, with a warning, not deleted.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(d.split('-')[-1]) for d in os.listdir(output_dir)
+                    if d.startswith(PREFIX_CHECKPOINT_DIR + '-') and d.split('-')[-1].isdigit()), reverse=True)
+    for step in steps:
+        path = os.path.join(output_dir, f'{PREFIX_CHECKPOINT_DIR}-{step}')
+        try:
+            with open(os.path.join(path, 'trainer_state.json')) as f:
+                json.load(f)
+            if os.path.isfile(os.path.join(path, 'model.safetensors')):
+                return path
+        except (OSError, json.JSONDecodeError):
+            pass
+        logger.warning(f'{path} is incomplete (the run was stopped while saving it); skipping it.')
+    return None
+
+
+def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
+    """What to resume from: --resume_from_checkpoint, else the last complete checkpoint in output_dir."""
+    if training_args.resume_from_checkpoint is not None:
+        if not os.path.isdir(training_args.resume_from_checkpoint):
+            raise FileNotFoundError(f'--resume_from_checkpoint {training_args.resume_from_checkpoint} does not exist')
+        return training_args.resume_from_checkpoint
+    checkpoint = last_complete_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info(f'Checkpoint found, resuming training from {checkpoint}. '
+                    'To start over, use another --output_dir or delete this one.')
+    return checkpoint
+
+
+def load_data(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
+    """Loads the dataset and drops unreadable images before anything trains (see data_report.json)."""
+    with training_args.main_process_first(desc='loading the dataset'):
+        dataset = load_flower_dataset(data_args)
+        dataset, report = check_images(dataset, strict=data_args.strict_images)
+    if training_args.should_save:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        write_data_report(report, os.path.join(training_args.output_dir, 'data_report.json'))
+    return dataset
+
+
+def build_model(model_args: ModelArguments, class_names: List[str]) -> TimmViTForImageClassification:
+    """The ViT to train: a timm name with a fresh head for the classes, or an earlier run's model."""
+    name = model_args.model_name_or_path
+    if timm.is_model(name):
+        return TimmViTForImageClassification.from_timm(
+            name, pretrained=model_args.pretrained, label_names=class_names, model_args=model_args.timm_kwargs)
+    model = TimmViTForImageClassification.from_pretrained(name)
+    if model.class_names != class_names:
+        raise ValueError(
+            f'{name} was trained for classes {model.class_names}, the dataset has {class_names}; '
+            'start from a timm model name to get a new head.')
+    return model
+
+
+def evaluate_test(trainer: Trainer, dataset: datasets.DatasetDict, class_names: List[str]) -> Dict:
+    """Predicts the test split (validation when there is none) and scores it with scikit-learn."""
+    split = 'test' if 'test' in dataset else 'validation'
+    output = trainer.predict(dataset[split], metric_key_prefix=split)
+    predictions = np.argmax(output.predictions, axis=-1)
+    metrics = {f'test_{k}': v for k, v in classification_metrics(output.label_ids, predictions, class_names).items()}
+    metrics['test_split'] = split
+    metrics['test_runtime'] = output.metrics.get(f'{split}_runtime')
+    return metrics
+
+
+def save_run_config(model_args, data_args, training_args, train_runtime: float) -> None:
+    """The resolved configuration, next to the weights (nanoGPT habit)."""
+    device = str(training_args.device)
+    if torch.cuda.is_available():
+        device = f'{device}:{torch.cuda.get_device_name()}'
+    config = {
+        'model': asdict(model_args) | {'model_args': model_args.timm_kwargs},
+        'data': asdict(data_args),
+        'training': training_args.to_dict(),
+        'environment': {
+            'device': device, 'num_processes': training_args.world_size, 'platform': platform.platform(),
+            'torch': torch.__version__, 'timm': timm.__version__, 'transformers': transformers.__version__,
+        },
+        'train_runtime_s': train_runtime,
+    }
+    path = os.path.join(training_args.output_dir, 'run_config.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(config, f, indent=2, default=str)
+    os.replace(path + '.tmp', path)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False  # we push the finished output dir ourselves (analysis.hub)
+    if push_to_hub:
+        from analysis.hub import check_hub_access, resolve_token
+        check_hub_access(training_args.hub_model_id, resolve_token(training_args.hub_token))
+
+    dataset = load_data(data_args, training_args)
+    class_names = dataset['train'].features['label'].names
+    model = build_model(model_args, class_names)
+    data_config = model_data_config(model.timm_model)
+    logger.info(f'Model: {model_args.model_name_or_path}, data config: {data_config}')
+
+    train_tf = batch_transform(train_transform(data_config, model_args.min_crop_scale))
+    eval_tf = batch_transform(eval_transform(data_config))
+    dataset['train'].set_transform(train_tf, columns=['image', 'label'])
+    for split in dataset:
+        if split != 'train':
+            dataset[split].set_transform(eval_tf, columns=['image', 'label'])
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset['train'],
+        eval_dataset=dataset['validation'],
+        data_collator=collate,
+        compute_metrics=lambda p: classification_metrics(p.label_ids, np.argmax(p.predictions, -1), class_names,
+                                                         scalars_only=True),
+    )
+
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    train_runtime = time.time() - start
+    trainer.save_model()
+    trainer.log_metrics('train', train_result.metrics)
+    trainer.save_metrics('train', train_result.metrics)
+    trainer.save_state()
+
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics('eval', eval_metrics)
+    trainer.save_metrics('eval', eval_metrics)
+    test_metrics = evaluate_test(trainer, dataset, class_names)
+    trainer.log_metrics('test', {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))})
+    trainer.save_metrics('test', test_metrics)
+
+    if trainer.is_world_process_zero():
+        save_run_config(model_args, data_args, training_args, train_runtime)
+        analyse(model, dataset, data_config, model_args, data_args, training_args)
+        if push_to_hub:
+            from analysis.hub import push_output_dir
+            push_output_dir(training_args.output_dir, training_args.hub_model_id,
+                            private=bool(training_args.hub_private_repo), token=training_args.hub_token)
+    return test_metrics
+
+
+def analyse(model, dataset, data_config, model_args, data_args, training_args) -> None:
+    """Attention summary and metrics on the test split, the HTML report and the model card."""
+    from analysis.card import render_model_card
+    from analysis.extract import extract_to_dir
+    from analysis.report import write_report
+
+    split = 'test' if 'test' in dataset else 'validation'
+    dataset[split].reset_format()
+    extract_to_dir(model, dataset[split], training_args.output_dir, data_config=data_config,
+                   batch_size=training_args.per_device_eval_batch_size, max_batches=model_args.analysis_batches,
+                   model_id=model_args.model_name_or_path, dataset_name=data_args.dataset_name, split=split)
+    write_report(training_args.output_dir)
+    render_model_card(training_args.output_dir, repo_id=training_args.hub_model_id)
+
+
+if __name__ == '__main__':
+    main()
