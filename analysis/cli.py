@@ -143,12 +143,33 @@ def cmd_heatmaps(argv: List[str]) -> None:
 
 
 def cmd_image(argv: List[str]) -> None:
-    from .report import image_figures
+    from PIL import Image, UnidentifiedImageError
+
+    from . import plots
+    from .extract import attend_images
     flags, files = _parse(ImageFlags, argv)
     if not files:
         raise ValueError('give one or more image files: python -m analysis image --model <m> a.jpg b.png')
-    paths = image_figures(_load_model(flags.model), files, flags.output)
-    print('\n'.join(f'wrote {p}' for p in paths.values()))
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                images.append(img.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f'{f} is not a readable image ({e})') from e
+    model = _load_model(flags.model)
+    result = attend_images(model, images)
+    names = model.class_names
+    titles = [f'{Path(f).name}\npred: {names[int(p.argmax())]} ({float(p.max()):.0%})'
+              for f, p in zip(files, result['probs'])]
+    out = Path(flags.output)
+    fig = plots.layer_grid(result['images'], result['cls_maps'], result['rollout'], model.token_layout, titles)
+    print(f'wrote {plots.save_figure(fig, out / "layer_grid.png")}')
+    for i, f in enumerate(files):
+        for layer in (1, model.num_blocks):
+            fig = plots.head_maps(result['images'][i], result['cls_attention'][i, layer - 1], model.token_layout, layer)
+            print(f'wrote {plots.save_figure(fig, out / f"{Path(f).stem}_heads_layer{layer}.png")}')
 
 
 def cmd_report(argv: List[str]) -> None:
@@ -165,24 +186,40 @@ def _study_output(flags) -> Path:
     raise ValueError('--output is required when --model is not an output directory')
 
 
+def _write_study(output: Path, name: str, result: dict, figure) -> None:
+    from . import plots
+    from .extract import write_json
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / f'{name}.json', result)
+    plots.save_figure(figure(result), output / 'figures' / f'{name}.png')
+    print(f'wrote {output / f"{name}.json"} and {output / "figures" / f"{name}.png"}')
+
+
 def cmd_background(argv: List[str]) -> None:
-    from .background import write_background
+    from data_scripts.loading import synthetic_config_from_args
+
+    from . import plots
+    from .background import background_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     model = _load_model(flags.model)
     dataset, data_args = _dataset_for(flags.model, data_args, argv)
-    path = write_background(model, dataset, data_args, _study_output(flags), split=flags.split, seed=flags.seed,
-                            batch_size=flags.batch_size, max_images=flags.max_images, model_id=flags.model)
-    print(f'wrote {path}')
+    synthetic = synthetic_config_from_args(data_args) if data_args.dataset_name == 'synthetic' else None
+    result = background_study(model, _split(dataset, flags.split), seed=flags.seed, batch_size=flags.batch_size,
+                              synthetic_config=synthetic, split=flags.split, max_images=flags.max_images,
+                              model_id=flags.model)
+    _write_study(_study_output(flags), 'background', result, plots.background_figure)
 
 
 def cmd_importance(argv: List[str]) -> None:
-    from .importance import write_importance
+    from . import plots
+    from .importance import importance_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     model = _load_model(flags.model)
     dataset, _ = _dataset_for(flags.model, data_args, argv)
-    path = write_importance(model, dataset, _study_output(flags), split=flags.split, batch_size=flags.batch_size,
-                            max_images=flags.max_images, seed=flags.seed)
-    print(f'wrote {path}')
+    _split(dataset, flags.split)
+    result = importance_study(model, dataset, batch_size=flags.batch_size, max_train=flags.max_images,
+                              max_test=flags.max_images, seed=flags.seed, test_split=flags.split)
+    _write_study(_study_output(flags), 'importance', result, plots.importance_figure)
 
 
 def cmd_study(argv: List[str]) -> None:
@@ -210,9 +247,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     command, rest = argv[0], argv[1:]
+    from .hub import HubError
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, HubError) as e:  # user errors: one clear line, no traceback
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0

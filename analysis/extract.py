@@ -172,3 +172,33 @@ def extract_to_dir(model, dataset, output_dir, **kwargs) -> Path:
     write_json(output_dir / METRICS_FILE, metrics)
     _logger.info(f'attention summary of {metadata["num_images"]} images -> {output_dir / SUMMARY_FILE}')
     return output_dir / SUMMARY_FILE
+
+
+@torch.inference_mode()
+def attend_images(model: TimmViTForImageClassification, images, data_config: Optional[Dict] = None) -> Dict:
+    """Attention of the model on a few user images (any size: the eval transform resizes and crops).
+
+    Args:
+        model: the ViT.
+        images: PIL images.
+        data_config: timm data config (default: the model's).
+
+    Returns:
+        ``images`` ``[E, H, W, 3]`` uint8 (the crops the model saw), ``cls_maps`` ``[E, L, P]``
+        (head-averaged CLS attention), ``cls_attention`` ``[E, L, H, P]``, ``rollout`` ``[E, P]``,
+        ``probs`` ``[E, C]``.
+    """
+    from data_scripts import to_rgb
+    model.eval()
+    data_config = data_config or model_data_config(model.timm_model)
+    layout = model.token_layout
+    transform = eval_transform(data_config)
+    pixel_values = torch.stack([transform(to_rgb(img)) for img in images])
+    check_input_size(pixel_values, layout)
+    out = model(pixel_values, output_attentions=True)
+    cls_rows = torch.stack([layout.cls_to_patches(a) for a in out.attentions], dim=1)  # [E, L, H, P]
+    return {
+        'images': _unnormalise(pixel_values, data_config), 'cls_attention': cls_rows,
+        'cls_maps': cls_rows.mean(dim=2), 'rollout': rollout_cls(out.attentions, layout=layout),
+        'probs': out.logits.softmax(-1),
+    }

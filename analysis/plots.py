@@ -412,15 +412,13 @@ def background_figure(background: Mapping) -> Figure:
 
 def _draw_pruning(ax: Axes, pruning: Mapping, baseline: Optional[float]) -> None:
     """Accuracy against the number of heads removed by greedy pruning."""
-    acc = _as_numpy(pruning['accuracy'])
-    num_removed = len(pruning.get('removed', acc))
-    # The curve may or may not include the starting point (nothing removed).
-    start = 0 if len(acc) == num_removed + 1 else 1
-    ax.plot(np.arange(start, start + len(acc)), acc, marker='.', color='tab:purple')
+    acc = _as_numpy(pruning['accuracy'])  # accuracy[i]: after removing the first i + 1 heads of the order
+    ax.plot(np.arange(1, len(acc) + 1), acc, marker='.', color='tab:purple')
     if baseline is not None:
-        ax.axhline(baseline - 0.01, color='tab:red', linestyle='--', linewidth=1, label='baseline - 1 point')
+        ax.axhline(baseline - pruning.get('tolerance', 0.01), color='tab:red', linestyle='--', linewidth=1,
+                   label='baseline - 1 point')
         ax.legend(fontsize=7)
-    total = pruning.get('num_prunable')
+    total = pruning.get('num_heads')
     ax.set_xlabel('heads removed' + (f' (of {int(total)})' if total is not None else ''))
     ax.set_ylabel('accuracy')
     ax.set_title('Greedy head pruning', fontsize=10)
@@ -432,7 +430,7 @@ def importance_figure(importance: Mapping) -> Figure:
     Args:
         importance: ``{"probe_accuracy": [L], "layer_skip_accuracy": [L], "truncate_accuracy": [L],
             "head_ablation_accuracy": [[H]*L], "baseline_accuracy": f, "greedy_pruning":
-            {"removed": [[layer, head], ...], "accuracy": [...], "num_prunable": n}}``, all optional.
+            {"order": [[layer, head], ...], "accuracy": [...], "num_prunable": n, "num_heads": n}}``, all optional.
 
     Returns:
         The figure.

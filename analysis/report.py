@@ -200,16 +200,8 @@ def _importance_sentences(importance: Mapping) -> List[str]:
                          f'(layer {layer + 1}, head {head + 1}).')
     pruning = importance.get('greedy_pruning')
     if pruning and baseline is not None:
-        accuracy = [float(a) for a in pruning.get('accuracy', [])]
-        removed = pruning.get('removed', [])
-        # The curve may start with the unpruned model (one more point than heads removed).
-        offset = 1 if len(accuracy) == len(removed) + 1 else 0
-        num_ok = 0
-        for n in range(1, len(removed) + 1):
-            if accuracy[n - 1 + offset] < float(baseline) - PRUNING_TOLERANCE:
-                break
-            num_ok = n
-        total = pruning.get('num_prunable')
+        num_ok = int(pruning['num_prunable'])
+        total = pruning.get('num_heads')
         of = f' of {int(total)}' if total is not None else ''
         sentences.append(f'{num_ok}{of} heads can be pruned with < {100 * PRUNING_TOLERANCE:.0f} point '
                          'accuracy loss (greedy pruning).')
@@ -292,6 +284,54 @@ def _example_titles(tensors: Mapping[str, torch.Tensor], class_names: Sequence[s
     return titles
 
 
+def summary_figures(summary_path: Union[str, Path], figures_dir: Union[str, Path],
+                    metrics: Optional[Mapping] = None) -> Dict[str, Path]:
+    """The pictures of an attention summary: layer grid, head maps, class mean maps, depth curves.
+
+    Args:
+        summary_path: an ``attentions.safetensors``.
+        figures_dir: where to write the PNGs.
+        metrics: its attention metrics (default: ``attention_metrics.json`` next to the summary,
+            if there is one); they choose the head-map layer and give the depth curves.
+
+    Returns:
+        ``{figure name: path}``.
+    """
+    figures_dir = Path(figures_dir)
+    tensors, meta = load_summary(summary_path)
+    _check_summary(tensors, meta)
+    if metrics is None:
+        metrics = _read_json_if_exists(Path(summary_path).parent / METRICS_FILE)
+    written: Dict[str, Path] = {}
+
+    def save(name: str, fig, filename: Optional[str] = None) -> None:
+        written[name] = plots.save_figure(fig, figures_dir / (filename or f'{name}.png'))
+
+    if metrics is not None:
+        save('depth_curves', plots.depth_curves(metrics))
+    layout = TokenLayout.from_dict(meta['layout'])
+    class_names = list(meta['class_names'])
+    cls_attention = tensors['cls_attention'].float()  # [M, L, H, P]
+    examples = tensors.get('example_indices')
+    if examples is not None and len(examples) > 0:
+        idx = examples.long()
+        save('layer_grid', plots.layer_grid(
+            tensors['example_images'], cls_attention[idx].mean(dim=2), tensors['rollout'][idx].float(),
+            layout, _example_titles(tensors, class_names)))
+        layer = best_fg_lift_layer(metrics)
+        save('head_maps', plots.head_maps(tensors['example_images'][0], cls_attention[idx[0], layer - 1],
+                                          layout, layer), f'head_maps_layer{layer}.png')
+    else:
+        _logger.warning('the attention summary holds no example images; skipping layer_grid and head_maps')
+    maps, counts = class_mean_cls_maps(cls_attention, tensors['labels'], len(class_names))
+    shown = [c for c in range(len(class_names)) if counts[c] > 0][:MAX_CLASS_MAP_ROWS]
+    if len(shown) < int((counts > 0).sum()):
+        _logger.info('class_maps shows the first %d of %d classes with images', len(shown), int((counts > 0).sum()))
+    if shown:
+        save('class_maps', plots.class_mean_maps(maps[shown], [class_names[c] for c in shown], layout))
+    return written
+
+
 def render_figures(
         output_dir: Union[str, Path],
         *,
@@ -332,34 +372,10 @@ def render_figures(
             all_results['test_confusion_matrix'], all_results['test_class_names']))
     if all_results.get('test_f1_per_class'):
         save('f1_bars', plots.f1_bars(all_results['test_f1_per_class']))
-    if metrics is not None:
-        save('depth_curves', plots.depth_curves(metrics))
-
     if summary_path is None and (output_dir / SUMMARY_FILE).is_file():
         summary_path = output_dir / SUMMARY_FILE
     if summary_path is not None:
-        tensors, meta = load_summary(summary_path)
-        _check_summary(tensors, meta)
-        layout = TokenLayout.from_dict(meta['layout'])
-        class_names = list(meta['class_names'])
-        cls_attention = tensors['cls_attention'].float()  # [M, L, H, P]
-        examples = tensors.get('example_indices')
-        if examples is not None and len(examples) > 0:
-            idx = examples.long()
-            save('layer_grid', plots.layer_grid(
-                tensors['example_images'], cls_attention[idx].mean(dim=2), tensors['rollout'][idx].float(),
-                layout, _example_titles(tensors, class_names)))
-            layer = best_fg_lift_layer(metrics)
-            save('head_maps', plots.head_maps(tensors['example_images'][0], cls_attention[idx[0], layer - 1],
-                                              layout, layer), f'head_maps_layer{layer}.png')
-        else:
-            _logger.warning('the attention summary holds no example images; skipping layer_grid and head_maps')
-        maps, counts = class_mean_cls_maps(cls_attention, tensors['labels'], len(class_names))
-        shown = [c for c in range(len(class_names)) if counts[c] > 0][:MAX_CLASS_MAP_ROWS]
-        if len(shown) < int((counts > 0).sum()):
-            _logger.info('class_maps shows the first %d of %d classes with images', len(shown), int((counts > 0).sum()))
-        if shown:
-            save('class_maps', plots.class_mean_maps(maps[shown], [class_names[c] for c in shown], layout))
+        written.update(summary_figures(summary_path, figures_dir, metrics))
     else:
         _logger.warning('%s not found; skipping the attention pictures', output_dir / SUMMARY_FILE)
 

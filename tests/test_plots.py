@@ -154,13 +154,15 @@ def test_importance_figure_draws_a_panel_per_key_present():
     full = {'probe_accuracy': [0.3, 0.7, 0.9], 'layer_skip_accuracy': [0.5, 0.85, 0.88],
             'truncate_accuracy': [0.9, 0.7, 0.3], 'head_ablation_accuracy': [[0.89, 0.9]] * L,
             'baseline_accuracy': 0.9,
-            'greedy_pruning': {'removed': [[0, 1], [2, 0]], 'accuracy': [0.9, 0.9, 0.85], 'num_prunable': 6}}
+            'greedy_pruning': {'order': [[0, 1], [2, 0], [1, 1]], 'accuracy': [0.9, 0.9, 0.85],
+                               'num_prunable': 2, 'num_heads': 6}}
     fig = plots.importance_figure(full)
     drawn = [ax for ax in fig.axes if ax.axison and ax.get_label() != '<colorbar>']
     assert len(drawn) == 5
     pruning = plots.importance_figure({'greedy_pruning': full['greedy_pruning']})
-    # The curve starts at 0 heads removed because it has one more point than heads removed.
-    np.testing.assert_array_equal(pruning.axes[0].get_lines()[0].get_xdata(), [0, 1, 2])
+    # accuracy[i] is measured after removing i + 1 heads
+    np.testing.assert_array_equal(pruning.axes[0].get_lines()[0].get_xdata(), [1, 2, 3])
+    assert pruning.axes[0].get_xlabel() == 'heads removed (of 6)'
     with pytest.raises(ValueError, match='nothing to draw'):
         plots.importance_figure({'baseline_accuracy': 0.9})
 

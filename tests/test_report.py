@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis import report
+from analysis import report, summary
 from analysis.tokens import TokenLayout
 
 # M images, L layers, H heads; 1 prefix token, 2 x 2 patches of 8 px -> 16 x 16 images.
@@ -64,7 +64,7 @@ def write_summary(path: Path, has_masks: bool) -> None:
     }
     if has_masks:
         tensors['fg_fraction'] = torch.rand(M, P, generator=g).half()
-    meta = {'format': report.SUMMARY_FORMAT, 'version': 1, 'model_id': 'vit-<b>tiny</b>',
+    meta = {'format': summary.SUMMARY_FORMAT, 'version': 1, 'model_id': 'vit-<b>tiny</b>',
             'class_names': CLASS_NAMES, 'num_layers': L, 'num_heads': H, 'layout': LAYOUT.to_dict(),
             'image_size': [16, 16], 'has_masks': has_masks, 'dataset': 'flowers&co', 'split': 'test',
             'num_images': M}
@@ -90,15 +90,16 @@ BACKGROUND = {'variants': {'original': {'accuracy': 0.9, 'macro_f1': 0.89},
 IMPORTANCE = {'probe_accuracy': [0.3, 0.85, 0.9], 'layer_skip_accuracy': [0.5, 0.88, 0.89],
               'truncate_accuracy': [0.9, 0.85, 0.3], 'head_ablation_accuracy': [[0.7, 0.9], [0.89, 0.9], [0.9, 0.88]],
               'baseline_accuracy': 0.9,
-              'greedy_pruning': {'removed': [[2, 1], [1, 0], [0, 1], [0, 0]],
-                                 'accuracy': [0.9, 0.895, 0.893, 0.88, 0.7], 'num_prunable': 6}}
+              'greedy_pruning': {'order': [[2, 1], [1, 0], [0, 1], [0, 0], [1, 1], [2, 0]],
+                                 'accuracy': [0.895, 0.893, 0.88, 0.7], 'num_prunable': 2, 'num_heads': 6,
+                                 'tolerance': 0.01}}
 
 
 # ----------------------------------------------------------------------------- load_summary
 
 def test_load_summary_round_trip(tmp_path):
     write_summary(tmp_path / 's.safetensors', has_masks=True)
-    tensors, meta = report.load_summary(tmp_path / 's.safetensors')
+    tensors, meta = summary.load_summary(tmp_path / 's.safetensors')
     assert tensors['cls_attention'].shape == (M, L, H, P)
     assert meta['class_names'] == CLASS_NAMES and meta['has_masks'] is True
 
@@ -106,16 +107,16 @@ def test_load_summary_round_trip(tmp_path):
 def test_load_summary_rejects_files_that_are_not_summaries(tmp_path):
     save_file({'x': torch.zeros(2)}, str(tmp_path / 'plain.safetensors'))
     with pytest.raises(ValueError, match='not an attention summary'):
-        report.load_summary(tmp_path / 'plain.safetensors')
+        summary.load_summary(tmp_path / 'plain.safetensors')
     save_file({'x': torch.zeros(2)}, str(tmp_path / 'other.safetensors'),
               metadata={'analysis': json.dumps({'format': 'something-else', 'version': 1})})
     with pytest.raises(ValueError, match='not an attention summary'):
-        report.load_summary(tmp_path / 'other.safetensors')
+        summary.load_summary(tmp_path / 'other.safetensors')
     (tmp_path / 'junk.safetensors').write_bytes(b'not a safetensors file at all')
     with pytest.raises(ValueError, match='not an attention summary'):
-        report.load_summary(tmp_path / 'junk.safetensors')
+        summary.load_summary(tmp_path / 'junk.safetensors')
     with pytest.raises(FileNotFoundError):
-        report.load_summary(tmp_path / 'missing.safetensors')
+        summary.load_summary(tmp_path / 'missing.safetensors')
 
 
 # ----------------------------------------------------------------------------- sentences

@@ -15,20 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_hf
+from conftest import TINY_MODEL, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}'
-TINY_DATA = ['--synthetic_train_per_class', '8', '--synthetic_validation_per_class', '2',
-             '--synthetic_test_per_class', '4', '--synthetic_image_size', '32']
-
-
-def tiny_args(output_dir, *extra):
-    return ['--output_dir', str(output_dir), '--model_args', TINY_MODEL, *TINY_DATA,
-            '--per_device_train_batch_size', '8', '--per_device_eval_batch_size', '16',
-            '--eval_strategy', 'no', '--save_strategy', 'no', '--report_to', 'none',
-            '--disable_tqdm', 'true', *extra]
-
-
 def subprocess_env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false')
     env.pop('HF_TOKEN', None)
@@ -36,10 +25,9 @@ def subprocess_env():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tiny_run):
     """The real main() on tiny data leaves every artifact a user reads."""
-    out = tmp_path / 'run'
-    metrics = train_hf.main(tiny_args(out, '--max_steps', '3', '--seed', '1'))
+    out, metrics = tiny_run
     results = json.loads((out / 'all_results.json').read_text())
     names = results['test_class_names']
     assert results['test_accuracy'] == pytest.approx(metrics['test_accuracy'])
