@@ -25,12 +25,13 @@ import numpy as np
 import timm
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from analysis.metrics import classification_metrics
 from analysis.modeling import TimmViTForImageClassification
-from analysis.transforms import batch_transform, collate, eval_transform, model_data_config, train_transform
+from analysis.transforms import (SeededAugmentation, batch_transform, collate, eval_transform, model_data_config,
+                                train_transform)
 from data_scripts import DataArguments, check_images, load_flower_dataset, write_data_report
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format='%(asctime)s - %(levelname)s - %(name)s - %(message)s', datefmt='%m/%d/%Y %H:%M:%S',
         handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:  # the main process says what it does (transformers example habit)
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     for lib_logger in (logger, logging.getLogger('analysis'), logging.getLogger('data_scripts')):
         lib_logger.setLevel(log_level)
@@ -114,6 +117,17 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logger.warning(
         f'Process rank: {training_args.process_index}, device: {training_args.device}, '
         f'n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value}')
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells the seeded augmentation which epoch starts (also the resumed one, mid-epoch)."""
+
+    def __init__(self, augmentation: SeededAugmentation):
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is fractional when resuming mid-epoch and may fall a hair short of an integer
+        self.augmentation.epoch = int(state.epoch + 1e-6) if state.epoch else 0
 
 
 def last_complete_checkpoint(output_dir: str) -> Optional[str]:
@@ -177,6 +191,18 @@ def build_model(model_args: ModelArguments, class_names: List[str]) -> TimmViTFo
     return model
 
 
+def attach_transforms(dataset: datasets.DatasetDict, data_config: Dict, min_crop_scale: float,
+                      seed: int) -> SeededAugmentation:
+    """timm's training augmentation on the train split (seeded per sample), its eval transform elsewhere."""
+    augmentation = SeededAugmentation(train_transform(data_config, min_crop_scale), seed)
+    dataset['train'] = dataset['train'].add_column('sample_index', list(range(len(dataset['train']))))
+    dataset['train'].set_transform(batch_transform(augmentation), columns=['image', 'label', 'sample_index'])
+    for split in dataset:
+        if split != 'train':
+            dataset[split].set_transform(batch_transform(eval_transform(data_config)), columns=['image', 'label'])
+    return augmentation
+
+
 def evaluate_test(trainer: Trainer, dataset: datasets.DatasetDict, class_names: List[str]) -> Dict:
     """Predicts the test split (validation when there is none) and scores it with scikit-learn."""
     split = 'test' if 'test' in dataset else 'validation'
@@ -220,16 +246,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     dataset = load_data(data_args, training_args)
     class_names = dataset['train'].features['label'].names
+    set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
     model = build_model(model_args, class_names)
     data_config = model_data_config(model.timm_model)
     logger.info(f'Model: {model_args.model_name_or_path}, data config: {data_config}')
 
-    train_tf = batch_transform(train_transform(data_config, model_args.min_crop_scale))
-    eval_tf = batch_transform(eval_transform(data_config))
-    dataset['train'].set_transform(train_tf, columns=['image', 'label'])
-    for split in dataset:
-        if split != 'train':
-            dataset[split].set_transform(eval_tf, columns=['image', 'label'])
+    augmentation = attach_transforms(dataset, data_config, model_args.min_crop_scale, training_args.seed)
 
     trainer = Trainer(
         model=model,
@@ -239,6 +261,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         data_collator=collate,
         compute_metrics=lambda p: classification_metrics(p.label_ids, np.argmax(p.predictions, -1), class_names,
                                                          scalars_only=True),
+        callbacks=[AugmentationEpoch(augmentation)],
     )
 
     start = time.time()

@@ -120,19 +120,20 @@ def _split(dataset, split: str):
 
 
 def cmd_extract(argv: List[str]) -> None:
-    from .extract import METRICS_NAME, SUMMARY_NAME, extract_summary, save_summary, write_json
+    from .extract import extract_summary, write_json
+    from .summary import METRICS_FILE, SUMMARY_FILE, save_summary
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
     model = _load_model(flags.model)
     dataset, data_args = _dataset_for(flags.model, data_args, argv)
-    output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_NAME
+    output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_FILE
     if not flags.output and not Path(flags.model).is_dir():
         raise ValueError('--output is required when --model is not an output directory')
     tensors, meta, metrics = extract_summary(
         model, _split(dataset, flags.split), batch_size=flags.batch_size, full_maps=flags.full_maps,
         max_batches=flags.max_batches, model_id=flags.model, dataset_name=data_args.dataset_name, split=flags.split)
     save_summary(output, tensors, meta)
-    write_json(output.parent / METRICS_NAME, metrics)
-    print(f'wrote {output} and {output.parent / METRICS_NAME} ({meta["num_images"]} images)')
+    write_json(output.parent / METRICS_FILE, metrics)
+    print(f'wrote {output} and {output.parent / METRICS_FILE} ({meta["num_images"]} images)')
 
 
 def cmd_heatmaps(argv: List[str]) -> None:

@@ -239,6 +239,9 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
                     f'{name} has no {CONFIG_NAME}: pass the output directory of a training run '
                     '(it holds config.json and model.safetensors).')
             return super().from_pretrained(name, *args, **kwargs)
+        if name.startswith(('/', '.', '~')) or name.count('/') > 1:
+            raise FileNotFoundError(f'{name} does not exist: pass an output directory, a Hub repo id '
+                                    '(user/name) or a timm model name.')
         if '/' in name:
             return super().from_pretrained(name, *args, **kwargs)
         kwargs.setdefault('pretrained', True)

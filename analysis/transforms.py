@@ -1,5 +1,6 @@
 """Image (and mask) transforms, all derived from timm's data config of the model."""
-from typing import Callable, Dict, Optional, Tuple
+import random
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import timm.data
@@ -47,14 +48,48 @@ def image_to_uint8(image: Image.Image, geometry: Callable) -> torch.Tensor:
     return torch.from_numpy(np.array(geometry(to_rgb(image)), dtype=np.uint8))
 
 
+class SeededAugmentation:
+    """A random training transform whose draws depend only on (seed, epoch, sample index).
+
+    Trainer saves the RNG state with each checkpoint, but accelerate's data loader has already
+    fetched (and augmented) the next batch by then, and a resumed run fetches its first batch
+    before it restores the RNG; augmentations drawn from the global RNG therefore differ after a
+    resume. Seeding each sample's draws from its own index and the epoch makes a resumed run
+    see exactly the images of an uninterrupted one. Only the CPU generators (Python ``random``,
+    used by timm's crop, and torch's default CPU generator) are touched, and both are restored.
+
+    Args:
+        transform: timm's training transform.
+        seed: the run's seed.
+    """
+
+    def __init__(self, transform: Callable, seed: int):
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0  # set by the training loop (train_hf.AugmentationEpoch)
+
+    def __call__(self, image: Image.Image, index: int):
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        python_state, torch_state = random.getstate(), torch.random.default_generator.get_state()
+        try:
+            random.seed(sample_seed)
+            torch.random.default_generator.manual_seed(sample_seed)
+            return self.transform(image)
+        finally:
+            random.setstate(python_state)
+            torch.random.default_generator.set_state(torch_state)
+
+
 def batch_transform(image_transform: Callable, mask_geometry: Optional[Callable] = None) -> Callable:
     """A `datasets` ``set_transform`` function: images -> ``pixel_values``, label -> ``labels``,
-    and, with ``mask_geometry``, masks -> ``fg_mask`` ``[H, W]``."""
+    and, with ``mask_geometry``, masks -> ``fg_mask`` ``[H, W]``. A `SeededAugmentation` also
+    needs the ``sample_index`` column."""
     def apply(batch: Dict) -> Dict:
-        out = {
-            'pixel_values': [image_transform(to_rgb(img)) for img in batch['image']],
-            'labels': batch['label'],
-        }
+        if isinstance(image_transform, SeededAugmentation):
+            pixels = [image_transform(to_rgb(img), i) for img, i in zip(batch['image'], batch['sample_index'])]
+        else:
+            pixels = [image_transform(to_rgb(img)) for img in batch['image']]
+        out = {'pixel_values': pixels, 'labels': batch['label']}
         if mask_geometry is not None:
             out['fg_mask'] = [mask_to_tensor(m, mask_geometry) for m in batch['mask']]
         return out

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_hf  # noqa: E402
-from analysis.transforms import batch_transform, collate, model_data_config, train_transform  # noqa: E402
+from analysis.transforms import collate, model_data_config  # noqa: E402
 
 WARMUP = 5
 
@@ -37,26 +37,25 @@ class StepTimer(TrainerCallback):
 
 def build(argv):
     model_args, data_args, training_args = train_hf.parse_args(argv)
-    dataset = train_hf.load_flower_dataset(data_args)['train']
-    class_names = dataset.features['label'].names
+    dataset = train_hf.load_flower_dataset(data_args)
+    class_names = dataset['train'].features['label'].names
     model = train_hf.build_model(model_args, class_names)
-    data_config = model_data_config(model.timm_model)
-    dataset.set_transform(batch_transform(train_transform(data_config, model_args.min_crop_scale)),
-                          columns=['image', 'label'])
-    return model, dataset, training_args
+    augmentation = train_hf.attach_transforms(dataset, model_data_config(model.timm_model),
+                                              model_args.min_crop_scale, training_args.seed)
+    return model, dataset['train'], training_args, augmentation
 
 
 def trainer_images_per_s(argv, steps: int) -> float:
-    model, dataset, training_args = build(argv)
+    model, dataset, training_args, augmentation = build(argv)
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[timer])
+                      callbacks=[timer, train_hf.AugmentationEpoch(augmentation)])
     trainer.train()
     return (steps - WARMUP) * training_args.per_device_train_batch_size / (timer.end - timer.start)
 
 
 def manual_images_per_s(argv, steps: int) -> float:
-    model, dataset, training_args = build(argv)
+    model, dataset, training_args, _ = build(argv)
     torch.manual_seed(training_args.seed)
     loader = DataLoader(dataset, batch_size=training_args.per_device_train_batch_size, shuffle=True,
                         collate_fn=collate, drop_last=True)
