@@ -235,25 +235,29 @@ def save_run_config(model_args, data_args, training_args, train_runtime: float) 
     os.replace(path + '.tmp', path)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # we push the finished output dir ourselves (analysis.hub)
-    if push_to_hub:
-        from analysis.hub import check_hub_access, resolve_token
-        check_hub_access(training_args.hub_model_id, resolve_token(training_args.hub_token))
+def prepare_push(training_args: TrainingArguments) -> Optional[str]:
+    """With --push_to_hub: the repo id, after checking the token and the Hub before any long work.
 
-    dataset = load_data(data_args, training_args)
-    class_names = dataset['train'].features['label'].names
-    set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
-    model = build_model(model_args, class_names)
-    data_config = model_data_config(model.timm_model)
-    logger.info(f'Model: {model_args.model_name_or_path}, data config: {data_config}')
+    Trainer's own pushing is switched off; the finished output directory is pushed at the end
+    (analysis.hub: weights, card, figures, report, metrics; never checkpoints).
+    """
+    if not training_args.push_to_hub:
+        return None
+    if not training_args.hub_model_id:
+        raise ValueError('--push_to_hub needs --hub_model_id user/name')
+    from analysis.hub import check_hub_access, resolve_token
+    check_hub_access(training_args.hub_model_id, resolve_token(training_args.hub_token))
+    training_args.push_to_hub = False
+    return training_args.hub_model_id
 
-    augmentation = attach_transforms(dataset, data_config, model_args.min_crop_scale, training_args.seed)
 
-    trainer = Trainer(
+def build_trainer(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
+                  training_args: TrainingArguments) -> Trainer:
+    """Trainer with timm's transforms attached to the splits and scikit-learn metrics per evaluation."""
+    class_names = model.class_names
+    augmentation = attach_transforms(dataset, model_data_config(model.timm_model), model_args.min_crop_scale,
+                                     training_args.seed)
+    return Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset['train'],
@@ -264,32 +268,34 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         callbacks=[AugmentationEpoch(augmentation)],
     )
 
-    start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    train_runtime = time.time() - start
-    trainer.save_model()
-    trainer.log_metrics('train', train_result.metrics)
-    trainer.save_metrics('train', train_result.metrics)
-    trainer.save_state()
 
+def train(trainer: Trainer, training_args: TrainingArguments) -> float:
+    """Trains (resuming from the last complete checkpoint if there is one), saves weights and state.
+
+    Returns:
+        the training wall time in seconds.
+    """
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.save_model()
+    trainer.log_metrics('train', result.metrics)
+    trainer.save_metrics('train', result.metrics)
+    trainer.save_state()
+    return time.time() - start
+
+
+def evaluate(trainer: Trainer, dataset: datasets.DatasetDict) -> Dict:
+    """Validation metrics, then the test split's full scikit-learn report into all_results.json."""
     eval_metrics = trainer.evaluate()
     trainer.log_metrics('eval', eval_metrics)
     trainer.save_metrics('eval', eval_metrics)
-    test_metrics = evaluate_test(trainer, dataset, class_names)
+    test_metrics = evaluate_test(trainer, dataset, trainer.model.class_names)
     trainer.log_metrics('test', {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))})
     trainer.save_metrics('test', test_metrics)
-
-    if trainer.is_world_process_zero():
-        save_run_config(model_args, data_args, training_args, train_runtime)
-        analyse(model, dataset, data_config, model_args, data_args, training_args)
-        if push_to_hub:
-            from analysis.hub import push_output_dir
-            push_output_dir(training_args.output_dir, training_args.hub_model_id,
-                            private=bool(training_args.hub_private_repo), token=training_args.hub_token)
     return test_metrics
 
 
-def analyse(model, dataset, data_config, model_args, data_args, training_args) -> None:
+def analyse(model, dataset, model_args, data_args, training_args) -> None:
     """Attention summary and metrics on the test split, the HTML report and the model card."""
     from analysis.card import render_model_card
     from analysis.extract import extract_to_dir
@@ -297,11 +303,33 @@ def analyse(model, dataset, data_config, model_args, data_args, training_args) -
 
     split = 'test' if 'test' in dataset else 'validation'
     dataset[split].reset_format()
-    extract_to_dir(model, dataset[split], training_args.output_dir, data_config=data_config,
+    extract_to_dir(model, dataset[split], training_args.output_dir,
                    batch_size=training_args.per_device_eval_batch_size, max_batches=model_args.analysis_batches,
                    model_id=model_args.model_name_or_path, dataset_name=data_args.dataset_name, split=split)
     write_report(training_args.output_dir)
     render_model_card(training_args.output_dir, repo_id=training_args.hub_model_id)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    repo_id = prepare_push(training_args)
+
+    dataset = load_data(data_args, training_args)
+    set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
+    model = build_model(model_args, dataset['train'].features['label'].names)
+    trainer = build_trainer(model, dataset, model_args, training_args)
+    train_runtime = train(trainer, training_args)
+    test_metrics = evaluate(trainer, dataset)
+
+    if trainer.is_world_process_zero():
+        save_run_config(model_args, data_args, training_args, train_runtime)
+        analyse(model, dataset, model_args, data_args, training_args)
+        if repo_id:
+            from analysis.hub import push_output_dir
+            push_output_dir(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),
+                            token=training_args.hub_token)
+    return test_metrics
 
 
 if __name__ == '__main__':

@@ -175,8 +175,12 @@ def cmd_image(argv: List[str]) -> None:
 
 def cmd_report(argv: List[str]) -> None:
     from .report import write_report
+    from .summary import SUMMARY_FILE, check_summary_matches, read_summary_meta
     (flags,) = _parse(ReportFlags, argv)
-    print(f'wrote {write_report(flags.output_dir)}')
+    run = Path(flags.output_dir)
+    if (run / SUMMARY_FILE).is_file() and (run / 'config.json').is_file():
+        check_summary_matches(read_summary_meta(run / SUMMARY_FILE), _load_model(str(run)))
+    print(f'wrote {write_report(run)}')
 
 
 def _study_output(flags) -> Path:

@@ -215,11 +215,12 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
             raise ValueError('give the classes as label_names, not num_classes in model_args')
         if label_names is not None:
             model_args['num_classes'] = len(label_names)
+        with torch.device('meta'):  # no weights, no download: fail early on a model we cannot capture
+            vit_attention_modules(timm.create_model(model_name, pretrained=False, **model_args))
         vit = timm.create_model(model_name, pretrained=pretrained, **model_args)
         if not pretrained:
             # the default pretrained_cfg names weights these parameters do not come from
             vit.pretrained_cfg = {k: v for k, v in vit.pretrained_cfg.items() if k not in ('tag', 'license')}
-        vit_attention_modules(vit)  # fail early on a model whose attention cannot be captured
         config = TimmWrapperConfig.from_dict(timm_config(vit, label_names))
         model = cls(config)
         model.timm_model.load_state_dict(vit.state_dict())

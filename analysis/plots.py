@@ -392,8 +392,8 @@ def background_figure(background: Mapping) -> Figure:
         bars = ax.bar(x + width / 2, f1, width, label='macro F1', color='tab:orange')
         ax.bar_label(bars, fmt='%.2f', fontsize=7)
     ax.set_xticks(x, names, rotation=30, ha='right', fontsize=8)
-    ax.set_ylim(0.0, 1.1)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.set_ylim(0.0, 1.25)  # room above the bars for the legend
+    ax.legend(fontsize=7, loc='upper center', ncol=2)
     title = 'Accuracy per background variant'
     if 'bg_gap' in background:
         title += f' (bg_gap {float(background["bg_gap"]):.2f})'
@@ -406,7 +406,7 @@ def background_figure(background: Mapping) -> Figure:
         ax.axhline(1.0, color='tab:red', linestyle='--', linewidth=1, label='no preference')
         ax.set_xlabel('layer')
         ax.set_title('fg_lift over depth per variant', fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.0, 0.5))
     return fig
 
 

@@ -134,9 +134,13 @@ def _attention_sentences(metrics: Mapping) -> List[str]:
     if 'mean_attention_distance' in layers:
         distance = layers['mean_attention_distance']['mean']
         first, last = float(distance[0]), float(distance[-1])
-        verb = 'grows' if last > first else 'shrinks' if last < first else 'stays'
-        sentences.append(f'Mean attention distance {verb} from {first:.1f} px (layer 1) to {last:.1f} px '
-                         f'(layer {num_layers}).')
+        low, high = min(map(float, distance)), max(map(float, distance))
+        if high - low < 1.0:  # less than a pixel apart: no trend worth a verb
+            sentences.append(f'Mean attention distance is about the same at every layer ({low:.1f}-{high:.1f} px).')
+        else:
+            verb = 'grows' if last > first else 'shrinks' if last < first else 'returns'
+            sentences.append(f'Mean attention distance {verb} from {first:.1f} px (layer 1) to {last:.1f} px '
+                             f'(layer {num_layers}); range {low:.1f}-{high:.1f} px.')
     if 'entropy' in layers:
         entropy = layers['entropy']['mean']
         sentences.append(f'CLS attention entropy (1 = uniform over patches) is {float(entropy[0]):.2f} at layer 1 '

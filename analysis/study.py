@@ -123,6 +123,7 @@ def summarise(name: str, test_accuracy: float, background: Dict, importance: Dic
         'probe_accuracy': importance['probe_accuracy'],
         'num_prunable_heads': pruning['num_prunable'],
         'num_heads': pruning['num_heads'],
+        'num_images': background['num_images'],
     }
 
 
@@ -150,11 +151,16 @@ def study_markdown(study: Dict) -> str:
     row('mean fg_lift, last two layers (original)', [_fmt(r['fg_lift_last_two']) for r in rows])
     num_layers = len(rows[0]['probe_accuracy'])
     for layer in range(num_layers):
-        row(f'probe accuracy, layer {layer}', [_fmt(r['probe_accuracy'][layer]) for r in rows])
+        row(f'probe accuracy, layer {layer + 1}', [_fmt(r['probe_accuracy'][layer]) for r in rows])
     row('heads prunable within 1 point', [f'{r["num_prunable_heads"]} / {r["num_heads"]}' for r in rows])
-    lines += ['', 'Layers are 0-based. Expected if the correlated model relies on the background:', '']
+    lines += ['', 'Layers are numbered from 1 (closest to the pixels). Expected if the correlated model relies '
+              'on the background (SE: binomial standard error of the difference, over the test images):', '']
     for check in study['checks']:
         verdict = {True: 'yes', False: 'NO', None: 'n/a'}[check['holds']]
+        if check.get('se') is not None and check['holds'] is not None:
+            difference = check['correlated'] - check['random']
+            noise = 'beyond' if abs(difference) > 2 * check['se'] else 'within'
+            verdict += f' (difference {difference:+.3f}, {noise} 2 SE = {2 * check["se"]:.3f})'
         lines.append(f'- {check["claim"]}: correlated {_fmt(check["correlated"])}, random {_fmt(check["random"])} '
                      f'-> {verdict}')
     return '\n'.join(lines) + '\n'
@@ -165,15 +171,23 @@ def compare(rows: List[Dict]) -> List[Dict]:
     by_name = {r['model']: r for r in rows}
     c, r = by_name['correlated'], by_name['random']
 
-    def check(claim, a, b, larger: bool):
+    def check(claim, a, b, larger: bool, se=None):
         holds = None if a is None or b is None else (a > b if larger else a < b)
-        return {'claim': claim, 'correlated': a, 'random': b, 'holds': holds}
+        return {'claim': claim, 'correlated': a, 'random': b, 'holds': holds, 'se': se}
+
+    def var(row, variant):  # binomial variance of one accuracy estimate
+        p = row['variant_accuracy'].get(variant)
+        return None if p is None else p * (1 - p) / row['num_images']
+
+    def se(*variances):
+        return None if any(v is None for v in variances) else float(np.sqrt(sum(variances)))
 
     return [
-        check('larger bg_gap', c['bg_gap'], r['bg_gap'], larger=True),
+        check('larger bg_gap', c['bg_gap'], r['bg_gap'], larger=True,
+              se=se(var(c, 'mixed_same'), var(c, 'mixed_rand'), var(r, 'mixed_same'), var(r, 'mixed_rand'))),
         check('lower fg_lift in the last two layers', c['fg_lift_last_two'], r['fg_lift_last_two'], larger=False),
         check('higher only_bg_t accuracy', c['variant_accuracy'].get('only_bg_t'),
-              r['variant_accuracy'].get('only_bg_t'), larger=True),
+              r['variant_accuracy'].get('only_bg_t'), larger=True, se=se(var(c, 'only_bg_t'), var(r, 'only_bg_t'))),
     ]
 
 

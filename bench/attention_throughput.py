@@ -28,14 +28,16 @@ from analysis.modeling import TimmViTForImageClassification  # noqa: E402
 from analysis.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
 from data_scripts import DataArguments, load_flower_dataset  # noqa: E402
 
+MAX_PER_CLASS = 200  # one test split for every measurement: 1000 images
 DEMO_MODEL = {'img_size': 64, 'patch_size': 8, 'embed_dim': 96, 'depth': 12, 'num_heads': 3}
 
 
 def load(model_name, num_images: int):
-    """The model and `num_images` synthetic test images (with masks)."""
-    per_class = -(-num_images // 5)
-    dataset = load_flower_dataset(DataArguments(synthetic_test_per_class=per_class))
-    split = dataset['test'].select(range(num_images))
+    """The model and the first `num_images` of one synthetic test split (with masks)."""
+    if num_images > 5 * MAX_PER_CLASS:
+        raise ValueError(f'at most {5 * MAX_PER_CLASS} images')
+    dataset = load_flower_dataset(DataArguments(synthetic_test_per_class=MAX_PER_CLASS))
+    split = dataset['test'].shuffle(seed=0).select(range(num_images))
     if model_name:
         model = TimmViTForImageClassification.from_pretrained(model_name)
     else:

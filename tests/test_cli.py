@@ -138,3 +138,22 @@ print(json.dumps(logits))
             assert np.abs(value).max() < 1e-4, key
         else:
             assert np.allclose(value, reference, atol=1e-4), key
+
+
+def test_wrong_model_and_foreign_summary_are_clear_errors(tiny_run, tmp_path, capsys):
+    """A non-ViT model and a summary written by another model: one line each, nothing downloaded."""
+    run, _ = tiny_run
+    assert cli(['extract', '--model', 'resnet18', '--output', str(tmp_path / 's.safetensors')]) == 1
+    assert 'transformer blocks' in capsys.readouterr().err
+
+    other = tmp_path / 'other'
+    other.mkdir()
+    for name in ('all_results.json', 'attention_metrics.json', 'attentions.safetensors', 'run_config.json'):
+        (other / name).write_bytes((run / name).read_bytes())
+    from analysis.modeling import TimmViTForImageClassification
+    names = json.loads((run / 'all_results.json').read_text())['test_class_names']
+    TimmViTForImageClassification.from_timm(
+        'vit_tiny_patch16_224', label_names=names,
+        model_args={'img_size': 32, 'patch_size': 8, 'embed_dim': 48, 'depth': 3, 'num_heads': 3}).save_pretrained(other)
+    assert cli(['report', str(other)]) == 1
+    assert 'another model' in capsys.readouterr().err

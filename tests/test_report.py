@@ -127,7 +127,7 @@ def test_sentences_reflect_the_numbers_with_masks():
     assert ('Layers with fg_lift > 1 (attend to the flower more than its area): 1, 2 (of 3); '
             'highest: layer 2 (fg_lift 1.40).') in sentences
     assert 'The most-attended patch lies on the flower in 80% of images at layer 2 (chance: 25%).' in sentences
-    assert 'Mean attention distance grows from 4.0 px (layer 1) to 9.0 px (layer 3).' in sentences
+    assert 'Mean attention distance grows from 4.0 px (layer 1) to 9.0 px (layer 3); range 4.0-9.0 px.' in sentences
     assert not any('omitted' in s for s in sentences)
 
 
@@ -136,7 +136,10 @@ def test_sentences_name_exactly_the_layers_above_one_and_skip_undefined_lift():
     sentences = report.summary_sentences(make_results(), metrics)
     assert any(s.startswith('Layers with fg_lift > 1 (attend to the flower more than its area): 3 (of 3); '
                             'highest: layer 3 (fg_lift 1.05)') for s in sentences)
-    assert 'Mean attention distance shrinks from 9.0 px (layer 1) to 5.0 px (layer 3).' in sentences
+    assert 'Mean attention distance shrinks from 9.0 px (layer 1) to 5.0 px (layer 3); range 5.0-9.0 px.' in sentences
+    flat = make_metrics(has_masks=True, distance=(32.7, 32.4, 32.7))
+    assert ('Mean attention distance is about the same at every layer (32.4-32.7 px).'
+            in report.summary_sentences(make_results(), flat))
 
 
 def test_sentences_without_masks_say_why():
