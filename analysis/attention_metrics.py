@@ -18,7 +18,7 @@ Over a dataset, :class:`AttentionMetricsAccumulator` keeps running sums only (me
 """
 import logging
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -144,12 +144,20 @@ def mean_attention_distance(attn: torch.Tensor, layout: TokenLayout) -> torch.Te
         raise ValueError(
             f'attn must be [B, H, {layout.num_tokens}, {layout.num_tokens}] for this layout, '
             f'got {tuple(attn.shape)}')
+    numerator, denominator = _distance_sums(attn, layout)  # [B, H, P] each
+    return (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)
+
+
+def _distance_sums(attn: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per patch query: ``sum_k a_qk * d_qk`` and ``sum_k a_qk`` over the patch keys, ``[B, H, P]`` each.
+
+    Kept apart so that the head-averaged map's distance follows from the per-head sums (their
+    head means) without building the averaged ``[B, N, N]`` map again.
+    """
     patch_attn = layout.patches_to_patches(attn.float())  # [B, H, P, P]
-    patch_attn = patch_attn / patch_attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     centers = layout.patch_centers().to(attn.device)  # [P, 2]
     distance = torch.cdist(centers, centers)  # [P, P]
-    per_query = (patch_attn * distance).sum(dim=-1)  # [B, H, P]
-    return per_query.mean(dim=-1)
+    return torch.einsum('bhqk,qk->bhq', patch_attn, distance), patch_attn.sum(dim=-1)
 
 
 class AttentionMetricsAccumulator:
@@ -274,9 +282,12 @@ class AttentionMetricsAccumulator:
 
         if attentions is not None:
             for layer, attn in enumerate(attentions):
-                attn = attn.float()
-                attn = torch.cat([attn, attn.mean(dim=1, keepdim=True)], dim=1)  # [B, H+1, N, N]
-                self.distance_sum[layer] += mean_attention_distance(attn, self.layout).sum(dim=0).double().cpu()
+                numerator, denominator = _distance_sums(attn, self.layout)  # [B, H, P] each
+                # the head-averaged map's sums are the head means of the per-head sums
+                numerator = torch.cat([numerator, numerator.mean(dim=1, keepdim=True)], dim=1)  # [B, H+1, P]
+                denominator = torch.cat([denominator, denominator.mean(dim=1, keepdim=True)], dim=1)
+                distance = (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)  # [B, H+1]
+                self.distance_sum[layer] += distance.sum(dim=0).double().cpu()
 
         if fg_fraction is not None:
             fg_fraction = fg_fraction.float()
