@@ -235,20 +235,23 @@ def save_run_config(model_args, data_args, training_args, train_runtime: float) 
     os.replace(path + '.tmp', path)
 
 
-def prepare_push(training_args: TrainingArguments) -> Optional[str]:
-    """With --push_to_hub: the repo id, after checking the token and the Hub before any long work.
+def prepare_push(training_args: TrainingArguments) -> Tuple[Optional[str], Optional[str]]:
+    """With --push_to_hub: the repo id and token, after checking both against the Hub before any long work.
 
     Trainer's own pushing is switched off; the finished output directory is pushed at the end
-    (analysis.hub: weights, card, figures, report, metrics; never checkpoints).
+    (analysis.hub: weights, card, figures, report, metrics; never checkpoints). The token is
+    taken out of the arguments, so that Trainer's training_args.bin never holds it.
     """
     if not training_args.push_to_hub:
-        return None
+        return None, None
     if not training_args.hub_model_id:
         raise ValueError('--push_to_hub needs --hub_model_id user/name')
     from analysis.hub import check_hub_access, resolve_token
-    check_hub_access(training_args.hub_model_id, resolve_token(training_args.hub_token))
+    token = resolve_token(training_args.hub_token)
+    check_hub_access(training_args.hub_model_id, token)
     training_args.push_to_hub = False
-    return training_args.hub_model_id
+    training_args.hub_token = None
+    return training_args.hub_model_id, token
 
 
 def build_trainer(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
@@ -313,7 +316,7 @@ def analyse(model, dataset, model_args, data_args, training_args) -> None:
 def main(argv: Optional[List[str]] = None) -> Dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
-    repo_id = prepare_push(training_args)
+    repo_id, token = prepare_push(training_args)
 
     dataset = load_data(data_args, training_args)
     set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
@@ -328,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if repo_id:
             from analysis.hub import push_output_dir
             push_output_dir(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),
-                            token=training_args.hub_token)
+                            token=token)
     return test_metrics
 
 

@@ -195,9 +195,9 @@ def test_study_configs_differ_only_in_background_and_output_dir():
 
 @pytest.mark.slow
 def test_study_quick_end_to_end(tmp_path):
-    from analysis.study import run_study
-    study = run_study(tmp_path, quick=True)
-    saved = json.loads((tmp_path / 'study.json').read_text())
+    from analysis.cli import main as cli
+    assert cli(['study', '--output_dir', str(tmp_path), '--quick', 'true']) == 0
+    saved = study = json.loads((tmp_path / 'study.json').read_text())
     assert [r['model'] for r in saved['models']] == ['correlated', 'random']
     assert {c['claim'] for c in saved['checks']} >= {'larger bg_gap', 'higher only_bg_t accuracy'}
     assert study['quick'] is True and 'bg_gap' in (tmp_path / 'study.md').read_text()

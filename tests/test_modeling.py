@@ -122,3 +122,10 @@ def test_four_loaders_agree(tiny_model, tmp_path):
     assert set(scores) == set(CLASSES)
     for i, name in enumerate(CLASSES):
         assert scores[name] == pytest.approx(probs[i].item(), abs=1e-4)
+
+
+def test_images_must_tile_the_patch_grid(tiny_model):
+    from analysis.extract import check_input_size
+    check_input_size(torch.zeros(1, 3, 32, 32), tiny_model.token_layout)
+    with pytest.raises(ValueError, match='eval transform'):
+        check_input_size(torch.zeros(1, 3, 40, 32), tiny_model.token_layout)
