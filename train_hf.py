@@ -28,6 +28,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from analysis.files import write_json
 from analysis.metrics import classification_metrics
 from analysis.modeling import TimmViTForImageClassification
 from analysis.transforms import (SeededAugmentation, batch_transform, collate, eval_transform, model_data_config,
@@ -229,10 +230,7 @@ def save_run_config(model_args, data_args, training_args, train_runtime: float) 
         },
         'train_runtime_s': train_runtime,
     }
-    path = os.path.join(training_args.output_dir, 'run_config.json')
-    with open(path + '.tmp', 'w') as f:
-        json.dump(config, f, indent=2, default=str)
-    os.replace(path + '.tmp', path)
+    write_json(os.path.join(training_args.output_dir, 'run_config.json'), config)
 
 
 def prepare_push(training_args: TrainingArguments) -> Tuple[Optional[str], Optional[str]]:

@@ -20,6 +20,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from analysis.files import write_text
+
 logger = logging.getLogger(__name__)
 
 # The template lives at the top of the repository, next to README.md.
@@ -454,14 +456,6 @@ def render_model_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = 
     output_dir = Path(output_dir)
     card = build_card(output_dir, repo_id=repo_id, license=license)
     path = output_dir / 'README.md'
-    # Written whole or not at all: a temporary file in the same folder, then an atomic rename.
-    tmp = output_dir / f'.README.md.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            f.write(str(card))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(path, str(card))
     logger.info('Wrote the model card to %s', path)
     return path

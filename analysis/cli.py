@@ -120,7 +120,8 @@ def _split(dataset, split: str):
 
 
 def cmd_extract(argv: List[str]) -> None:
-    from .extract import extract_summary, write_json
+    from .extract import extract_summary
+    from .files import write_json
     from .summary import METRICS_FILE, SUMMARY_FILE, save_summary
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
     model = _load_model(flags.model)
@@ -193,7 +194,7 @@ def _study_output(flags) -> Path:
 
 def _write_study(output: Path, name: str, result: dict, figure) -> None:
     from . import plots
-    from .extract import write_json
+    from .files import write_json
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / f'{name}.json', result)
     plots.save_figure(figure(result), output / 'figures' / f'{name}.png')

@@ -6,9 +6,7 @@ patch covered by the flower (``[P]``). Full ``N x N`` maps only for the first ``
 images. The per-batch maps are reduced (`AttentionMetricsAccumulator`) and dropped, so memory
 holds one batch of maps plus the small per-image rows, never every image's ``L x H x N x N``.
 """
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -18,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attention_metrics import AttentionMetricsAccumulator
+from .files import write_json
 from .modeling import TimmViTForImageClassification
 from .rollout import rollout_cls
 from .summary import METRICS_FILE, SUMMARY_FILE, SUMMARY_FORMAT, SUMMARY_VERSION, save_summary
@@ -155,13 +154,6 @@ def extract_summary(
         'predictions_scored': scored, 'model_class_names': model.class_names if not scored else None,
     }
     return tensors, metadata, metrics.compute()
-
-
-def write_json(path: os.PathLike, obj: Dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=2) + '\n')
-    os.replace(tmp, path)
 
 
 def extract_to_dir(model, dataset, output_dir, **kwargs) -> Path:

@@ -27,6 +27,7 @@ from timm.models._hub import save_config_for_hf
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .files import atomic_path, write_json
 from .tokens import TokenLayout
 
 _logger = logging.getLogger(__name__)
@@ -105,12 +106,6 @@ def timm_config(vit: torch.nn.Module, label_names: Optional[Sequence[str]] = Non
     return config
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class TimmViTForImageClassification(TimmWrapperForImageClassification):
     """transformers' TimmWrapper for a timm ViT, with ``output_attentions`` and a timm-native checkpoint."""
 
@@ -186,8 +181,9 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().contiguous().cpu()
                       for k, v in state_dict.items()}
         config = timm_config(self.timm_model, self.class_names)
-        _write_atomic(save_directory / WEIGHTS_NAME, lambda p: save_file(state_dict, str(p), metadata={'format': 'pt'}))
-        _write_atomic(save_directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + '\n'))
+        with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
+            save_file(state_dict, str(tmp), metadata={'format': 'pt'})
+        write_json(save_directory / CONFIG_NAME, config)
 
     @classmethod
     def from_timm(

@@ -11,8 +11,6 @@ CLS-to-patch row ``[P]`` is reshaped to the patch grid and upsampled by the patc
 (nearest neighbour), so each patch covers exactly the pixels it was cut from.
 """
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
@@ -21,6 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis.files import atomic_path
 from analysis.tokens import TokenLayout
 
 _logger = logging.getLogger(__name__)
@@ -108,17 +107,8 @@ def save_figure(fig: Figure, path: Union[str, Path], dpi: int = DEFAULT_DPI) -> 
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=dpi, bbox_inches='tight')
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are for readers
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight')
     _logger.debug('wrote %s', path)
     return path
 

@@ -17,16 +17,13 @@ import html
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from analysis import plots
+from analysis.files import write_text
 from analysis.summary import METRICS_FILE, SUMMARY_FILE, load_summary, read_summary_meta
 from analysis.tokens import TokenLayout
 
@@ -75,22 +72,6 @@ def _read_results(output_dir: Path) -> Dict:
                                 '...) or pass the output directory of a finished training run.')
     return _read_json(path)
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is for readers
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ----------------------------------------------------------------------------- sentences
 
 def _defined(values: Sequence[Optional[float]]) -> List[Tuple[int, float]]:
     """``(0-based layer, value)`` for the layers whose value is defined (not None / NaN)."""
@@ -607,6 +588,6 @@ def write_report(
             f'<title>Attention report: {_esc(model_id)}</title><style>{_CSS}</style></head>\n<body>\n'
             + '\n'.join(body) + '\n</body></html>\n')
     path = output_dir / REPORT_FILE
-    _write_text_atomic(path, page)
+    write_text(path, page)
     _logger.info('wrote %s', path)
     return path

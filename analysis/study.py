@@ -27,6 +27,7 @@ import numpy as np
 
 from .background import background_study
 from .importance import importance_study
+from .files import write_json, write_text
 from .modeling import TimmViTForImageClassification
 
 _logger = logging.getLogger(__name__)
@@ -39,16 +40,6 @@ QUICK_OVERRIDES = {
     'max_steps': 5, 'per_device_train_batch_size': 16, 'eval_strategy': 'no', 'save_strategy': 'no',
     'model_args': '{"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3}',
 }
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Dict) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
 def study_config(name: str, output_dir: Path, quick: bool = False) -> Dict:
@@ -92,12 +83,12 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
         model, dataset['test'], seed=seed, batch_size=batch_size, split='test', model_id=run_dir.name,
         synthetic_config=synthetic_config_from_args(data_args) if data_args.dataset_name == 'synthetic' else None)
     seconds['background'] = time.time() - start
-    _write_json(run_dir / 'background.json', background)
+    write_json(run_dir / 'background.json', background)
 
     start = time.time()
     importance = importance_study(model, dataset, batch_size=batch_size, seed=seed, pruning_seconds=pruning_seconds)
     seconds['importance'] = time.time() - start
-    _write_json(run_dir / 'importance.json', importance)
+    write_json(run_dir / 'importance.json', importance)
 
     # The report renders every figure of the run, background.png and importance.png included.
     from .report import write_report
@@ -214,7 +205,7 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
     for name in MODELS:
         config = study_config(name, output_dir, quick)
         config_path = output_dir / 'configs' / f'{name}.json'
-        _write_json(config_path, config)
+        write_json(config_path, config)
         _logger.info(f'study: training the {name} model -> {config["output_dir"]}')
         t0 = time.time()
         test_metrics = train_hf.main([str(config_path)])
@@ -225,7 +216,7 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         rows.append(summarise(name, float(test_metrics['test_accuracy']), result['background'], result['importance']))
     study = {'models': rows, 'checks': compare(rows), 'seconds': seconds,
              'wall_time_s': time.time() - start, 'quick': quick}
-    _write_json(output_dir / 'study.json', study)
-    _write_text(output_dir / 'study.md', study_markdown(study))
+    write_json(output_dir / 'study.json', study)
+    write_text(output_dir / 'study.md', study_markdown(study))
     _logger.info(f'study written to {output_dir / "study.md"} in {study["wall_time_s"]:.0f} s')
     return study

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path
 from .tokens import TokenLayout
 
 SUMMARY_FORMAT = 'flower-vit-lens/attention-summary'
@@ -30,9 +31,8 @@ def save_summary(path: os.PathLike, tensors: Dict[str, torch.Tensor], metadata: 
     """Writes the summary as safetensors with the metadata as JSON (whole or not at all)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={'analysis': json.dumps(metadata)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={'analysis': json.dumps(metadata)})
 
 
 def read_summary_meta(path: Union[str, Path]) -> Dict:

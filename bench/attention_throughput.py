@@ -11,7 +11,6 @@ both and its growth are printed (target < 15%).
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys

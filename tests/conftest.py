@@ -1,5 +1,8 @@
-"""Shared fixtures: one tiny real training run that the end-to-end tests read."""
+"""Shared fixtures: one tiny real training run that the end-to-end tests read; a fake Hub."""
+from pathlib import Path
+
 import pytest
+from huggingface_hub import HfApi, constants
 
 import train_hf
 
@@ -22,3 +25,40 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('tiny_run') / 'run'
     metrics = train_hf.main(tiny_args(out, '--max_steps', '3', '--seed', '1'))
     return out, metrics
+
+
+@pytest.fixture
+def no_stored_token(monkeypatch, tmp_path):
+    """No token in the environment or in the token file."""
+    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'hf_home' / 'token'))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replaces the three HfApi calls hub.py makes; records what they were asked."""
+    calls = {}
+
+    def whoami(self, token=None, **kwargs):
+        calls['whoami_token'] = self.token
+        return {'name': 'alice', 'orgs': []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls['create_repo'] = dict(repo_id=repo_id, **kwargs)
+        return f'https://huggingface.co/{repo_id}'
+
+    def upload_folder(self, **kwargs):
+        calls['upload_folder'] = kwargs
+        folder = Path(kwargs['folder_path'])
+        # What the real client would send: the files that match allow_patterns.
+        from huggingface_hub.utils import filter_repo_objects
+        everything = [p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file()]
+        calls['uploaded'] = set(filter_repo_objects(everything, allow_patterns=kwargs['allow_patterns']))
+        return None
+
+    monkeypatch.setattr(HfApi, 'whoami', whoami)
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    return calls

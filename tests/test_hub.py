@@ -37,43 +37,6 @@ def run_dir(tmp_path) -> Path:
     return run
 
 
-@pytest.fixture
-def no_stored_token(monkeypatch, tmp_path):
-    """No token in the environment or in the token file."""
-    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
-    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'hf_home' / 'token'))
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """Replaces the three HfApi calls hub.py makes; records what they were asked."""
-    calls = {}
-
-    def whoami(self, token=None, **kwargs):
-        calls['whoami_token'] = self.token
-        return {'name': 'alice', 'orgs': []}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls['create_repo'] = dict(repo_id=repo_id, **kwargs)
-        return f'https://huggingface.co/{repo_id}'
-
-    def upload_folder(self, **kwargs):
-        calls['upload_folder'] = kwargs
-        folder = Path(kwargs['folder_path'])
-        # What the real client would send: the files that match allow_patterns.
-        from huggingface_hub.utils import filter_repo_objects
-        everything = [p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file()]
-        calls['uploaded'] = set(filter_repo_objects(everything, allow_patterns=kwargs['allow_patterns']))
-        return None
-
-    monkeypatch.setattr(HfApi, 'whoami', whoami)
-    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
-    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
-    return calls
-
-
 def test_files_to_upload_selects_exactly_the_published_files(run_dir):
     assert set(files_to_upload(run_dir)) == PUBLISHED - {'README.md'}  # no card rendered yet
     (run_dir / 'README.md').write_text('card')

@@ -1,14 +1,13 @@
 """train_hf.py --push_to_hub end to end, with HfApi patched at the network boundary (no Hub here)."""
 import json
-from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import ModelCard
 
 import train_hf
 from analysis.hub import HubError
 from conftest import tiny_args
-from test_hub import TOKEN, fake_hub, no_stored_token  # noqa: F401 (fixtures)
+from test_hub import TOKEN
 
 pytestmark = pytest.mark.slow
 

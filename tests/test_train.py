@@ -1,7 +1,6 @@
 """train_hf.py end to end on tiny data: the CLI, resume after a kill, two accelerate processes, bad images."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
