@@ -37,12 +37,16 @@ from data_scripts import DataArguments, check_images, load_flower_dataset, write
 
 logger = logging.getLogger(__name__)
 
+# The embedded demo's ViT: 12 blocks of width 96 on 64 px images in 8 px patches, trained from scratch.
+DEMO_MODEL = 'vit_tiny_patch16_224'
+DEMO_MODEL_ARGS = {'img_size': 64, 'patch_size': 8, 'embed_dim': 96, 'depth': 12, 'num_heads': 3}
+
 
 @dataclass
 class ModelArguments:
     """Which model to fine-tune. Defaults are the embedded demo's small ViT."""
     model_name_or_path: str = field(
-        default='vit_tiny_patch16_224',
+        default=DEMO_MODEL,
         metadata={'help': 'timm model name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k), a Hub repo id, '
                           'or the output directory of an earlier run.'})
     pretrained: bool = field(
@@ -50,9 +54,10 @@ class ModelArguments:
         metadata={'help': 'Load timm pretrained weights (from the Hub) for a timm model name. '
                           'The embedded demo trains from scratch.'})
     model_args: Optional[str] = field(
-        default='{"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 12, "num_heads": 3}',
+        default=None,
         metadata={'help': 'JSON dict of extra timm.create_model arguments (depth, img_size, patch_size, '
-                          'drop_path_rate, ...). Use "{}" for the model as timm defines it.'})
+                          'drop_path_rate, ...). Default: the demo\'s small ViT shape for the default model '
+                          'trained from scratch, none (the model as timm defines it) otherwise.'})
     min_crop_scale: float = field(
         default=0.6,
         metadata={'help': 'Lower bound of the random-resized-crop area in training (timm uses 0.08; small '
@@ -62,6 +67,9 @@ class ModelArguments:
         metadata={'help': 'Attention extraction after training: at most this many test batches (default: all).'})
 
     def __post_init__(self):
+        if self.model_args is None:
+            demo = self.model_name_or_path == DEMO_MODEL and not self.pretrained
+            self.model_args = json.dumps(DEMO_MODEL_ARGS if demo else {})
         try:
             parsed = json.loads(self.model_args) if isinstance(self.model_args, str) else (self.model_args or {})
         except json.JSONDecodeError as e:
@@ -71,6 +79,8 @@ class ModelArguments:
         self.model_args = json.dumps(parsed)
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f'--min_crop_scale must be in (0, 1], got {self.min_crop_scale}')
+        if self.analysis_batches is not None and self.analysis_batches < 1:
+            raise ValueError(f'--analysis_batches must be >= 1 (or left out for all), got {self.analysis_batches}')
 
     @property
     def timm_kwargs(self) -> Dict:
@@ -96,11 +106,17 @@ class FlowerTrainingArguments(TrainingArguments):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataArguments, FlowerTrainingArguments]:
-    """Flags, or a single ``.json`` config file, into the three argument dataclasses."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Flags into the three argument dataclasses; a leading ``.json`` file gives defaults that flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, FlowerTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith('.json'):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    if argv and argv[0].endswith('.json'):
+        with open(argv.pop(0)) as f:
+            config = json.load(f)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f'unknown keys in the config file: {unknown}')
+        parser.set_defaults(**config)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -204,9 +220,19 @@ def attach_transforms(dataset: datasets.DatasetDict, data_config: Dict, min_crop
     return augmentation
 
 
+def scored_split(dataset: datasets.DatasetDict) -> str:
+    """The split the final numbers come from: test, or validation when test is missing or unlabeled."""
+    if 'test' not in dataset:
+        return 'validation'
+    if min(dataset['test'].with_format(None)['label']) < 0:
+        logger.warning('the test split is unlabeled (label -1); scoring and analysing the validation split instead.')
+        return 'validation'
+    return 'test'
+
+
 def evaluate_test(trainer: Trainer, dataset: datasets.DatasetDict, class_names: List[str]) -> Dict:
     """Predicts the test split (validation when there is none) and scores it with scikit-learn."""
-    split = 'test' if 'test' in dataset else 'validation'
+    split = scored_split(dataset)
     output = trainer.predict(dataset[split], metric_key_prefix=split)
     predictions = np.argmax(output.predictions, axis=-1)
     metrics = {f'test_{k}': v for k, v in classification_metrics(output.label_ids, predictions, class_names).items()}
@@ -255,6 +281,9 @@ def prepare_push(training_args: TrainingArguments) -> Tuple[Optional[str], Optio
 def build_trainer(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
                   training_args: TrainingArguments) -> Trainer:
     """Trainer with timm's transforms attached to the splits and scikit-learn metrics per evaluation."""
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        raise ValueError('--dataloader_persistent_workers keeps each worker\'s augmentation at its first epoch; '
+                         'leave it off (workers are restarted every epoch).')
     class_names = model.class_names
     augmentation = attach_transforms(dataset, model_data_config(model.timm_model), model_args.min_crop_scale,
                                      training_args.seed)
@@ -302,7 +331,7 @@ def analyse(model, dataset, model_args, data_args, training_args) -> None:
     from analysis.extract import extract_to_dir
     from analysis.report import write_report
 
-    split = 'test' if 'test' in dataset else 'validation'
+    split = scored_split(dataset)
     dataset[split].reset_format()
     extract_to_dir(model, dataset[split], training_args.output_dir,
                    batch_size=training_args.per_device_eval_batch_size, max_batches=model_args.analysis_batches,

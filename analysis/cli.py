@@ -82,18 +82,42 @@ class PushFlags:
 
 
 def _parse(flags, argv: List[str], with_data: bool = False):
-    """Positional ``summary`` / ``output_dir`` become flags, then HfArgumentParser does the rest."""
+    """Positional ``summary`` / ``output_dir`` become flags, then HfArgumentParser does the rest.
+
+    With dataset flags and ``--model`` a run's output directory, the run's own dataset arguments
+    (run_config.json) are the defaults, and flags given here override them. For ``image`` the
+    strings left over are the image files.
+    """
     from data_scripts import DataArguments
     first = [f for f in flags.__dataclass_fields__.values()][0]
     if argv and not argv[0].startswith('-') and first.name in ('summary', 'output_dir'):
         argv = [f'--{first.name}', argv[0]] + argv[1:]
-    files: List[str] = []
-    if flags is ImageFlags:  # trailing image files
-        while argv and not argv[-1].startswith('-') and (len(argv) < 2 or not argv[-2].startswith('--')):
-            files.insert(0, argv.pop())
     parser = HfArgumentParser((flags, DataArguments) if with_data else (flags,))
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    return (*parsed, files) if flags is ImageFlags else parsed
+    if with_data:
+        parser.set_defaults(**_run_data_defaults(argv))
+    if flags is ImageFlags:
+        *parsed, files = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        unknown = [f for f in files if f.startswith('-')]
+        if unknown:
+            raise ValueError(f'unknown flags: {unknown}')
+        return (*parsed, files)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _run_data_defaults(argv: List[str]) -> dict:
+    """The dataset arguments of the run named by --model, if it is an output directory with run_config.json."""
+    from data_scripts import DataArguments
+    model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--model'),
+                 next((a.split('=', 1)[1] for a in argv if a.startswith('--model=')), None))
+    run_config = Path(model).expanduser() / 'run_config.json' if model else None
+    if run_config is None or not run_config.is_file():
+        if not any(a.split('=')[0] in DATASET_FLAGS for a in argv):
+            raise ValueError('name the dataset (--dataset_name synthetic|oxford102|<hub id>, --train_dir DIR, ...): '
+                             '--model is not the output directory of a run, so there is no dataset to default to')
+        return {}
+    data = json.loads(run_config.read_text())['data']
+    logger.info(f'dataset defaults from {run_config}: {data.get("dataset_name")}')
+    return {k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__}
 
 
 def _load_model(name: str):
@@ -101,16 +125,11 @@ def _load_model(name: str):
     return TimmViTForImageClassification.from_pretrained(name).eval()
 
 
-def _dataset_for(model: str, data_args, argv: List[str]):
-    """The dataset the user named, or the run's own when they named none and --model is a run dir."""
-    from data_scripts import DataArguments, check_images, load_flower_dataset
-    run_config = Path(model) / 'run_config.json'
-    if not any(a.split('=')[0] in DATASET_FLAGS for a in argv) and run_config.is_file():
-        data = json.loads(run_config.read_text())['data']
-        data_args = DataArguments(**{k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__})
-        logger.info(f'using the dataset of the run: {data_args.dataset_name}')
+def _dataset_for(data_args):
+    """The dataset the arguments name, with unreadable images dropped (as train_hf.py does)."""
+    from data_scripts import check_images, load_flower_dataset
     dataset, _ = check_images(load_flower_dataset(data_args), strict=data_args.strict_images)
-    return dataset, data_args
+    return dataset
 
 
 def _split(dataset, split: str):
@@ -125,7 +144,7 @@ def cmd_extract(argv: List[str]) -> None:
     from .summary import METRICS_FILE, SUMMARY_FILE, save_summary
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
     model = _load_model(flags.model)
-    dataset, data_args = _dataset_for(flags.model, data_args, argv)
+    dataset = _dataset_for(data_args)
     output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_FILE
     if not flags.output and not Path(flags.model).is_dir():
         raise ValueError('--output is required when --model is not an output directory')
@@ -208,7 +227,7 @@ def cmd_background(argv: List[str]) -> None:
     from .background import background_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     model = _load_model(flags.model)
-    dataset, data_args = _dataset_for(flags.model, data_args, argv)
+    dataset = _dataset_for(data_args)
     synthetic = synthetic_config_from_args(data_args) if data_args.dataset_name == 'synthetic' else None
     result = background_study(model, _split(dataset, flags.split), seed=flags.seed, batch_size=flags.batch_size,
                               synthetic_config=synthetic, split=flags.split, max_images=flags.max_images,
@@ -221,7 +240,7 @@ def cmd_importance(argv: List[str]) -> None:
     from .importance import importance_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     model = _load_model(flags.model)
-    dataset, _ = _dataset_for(flags.model, data_args, argv)
+    dataset = _dataset_for(data_args)
     _split(dataset, flags.split)
     result = importance_study(model, dataset, batch_size=flags.batch_size, max_train=flags.max_images,
                               max_test=flags.max_images, seed=flags.seed, test_split=flags.split)
@@ -256,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .hub import HubError
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError, HubError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, OSError, HubError) as e:  # user errors (and OSError: files, Hub): one clear line
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0

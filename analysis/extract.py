@@ -76,6 +76,10 @@ def extract_summary(
         ``(tensors, metadata, metrics)``: the summary tensors, its metadata and the
         `AttentionMetricsAccumulator` result.
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f'--max_batches must be >= 1, got {max_batches}')
+    if full_maps < 0:
+        raise ValueError(f'--full_maps must be >= 0, got {full_maps}')
     model.eval()
     data_config = data_config or model_data_config(model.timm_model)
     layout = model.token_layout
@@ -110,25 +114,26 @@ def extract_summary(
             break
         pixel_values = batch['pixel_values']
         check_input_size(pixel_values, layout)
-        out = model(pixel_values, output_attentions=True)
-        attentions = out.attentions  # L x [B, H, N, N]
+        out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
+        attentions = out.attentions  # L x [B, H, N, N], reduced where the model runs
         B = pixel_values.shape[0]
         end = start + B
-        cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1)  # [B, L, H, P]
+        labels_here = batch['labels'].to(model.device)
+        cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1).float()  # [B, L, H, P]
         roll = rollout_cls(attentions, layout=layout)  # [B, P]
-        fg = layout.patch_fraction(batch['fg_mask']) if has_masks else None  # [B, P]
-        pred = out.logits.argmax(-1)
-        metrics.update(attentions, cls_rows, batch['labels'], fg_fraction=fg, rollout_cls=roll)
+        fg = layout.patch_fraction(batch['fg_mask'].to(model.device)) if has_masks else None  # [B, P]
+        pred = out.logits.argmax(-1).cpu()
+        metrics.update(attentions, cls_rows, labels_here, fg_fraction=fg, rollout_cls=roll)
 
         labels[start:end] = batch['labels']
         predictions[start:end] = pred
-        cls_attention[start:end] = cls_rows.half()
-        rollout[start:end] = roll.half()
+        cls_attention[start:end] = cls_rows.half().cpu()
+        rollout[start:end] = roll.half().cpu()
         if has_masks:
-            fg_fraction[start:end] = fg.half()
+            fg_fraction[start:end] = fg.half().cpu()
         if start < len(full):
             k = min(end, len(full)) - start
-            full[start:start + k] = torch.stack(attentions, dim=1)[:k].half()  # [k, L, H, N, N]
+            full[start:start + k] = torch.stack([a[:k] for a in attentions], dim=1).half().cpu()  # [k, L, H, N, N]
         correct = pred == batch['labels'] if scored else torch.ones(B, dtype=torch.bool)
         for i in range(B):
             bucket = examples[bool(correct[i])]
@@ -187,10 +192,11 @@ def attend_images(model: TimmViTForImageClassification, images, data_config: Opt
     transform = eval_transform(data_config)
     pixel_values = torch.stack([transform(to_rgb(img)) for img in images])
     check_input_size(pixel_values, layout)
-    out = model(pixel_values, output_attentions=True)
-    cls_rows = torch.stack([layout.cls_to_patches(a) for a in out.attentions], dim=1)  # [E, L, H, P]
+    out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
+    attentions = tuple(a.float().cpu() for a in out.attentions)
+    cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1)  # [E, L, H, P]
     return {
         'images': _unnormalise(pixel_values, data_config), 'cls_attention': cls_rows,
-        'cls_maps': cls_rows.mean(dim=2), 'rollout': rollout_cls(out.attentions, layout=layout),
-        'probs': out.logits.softmax(-1),
+        'cls_maps': cls_rows.mean(dim=2), 'rollout': rollout_cls(attentions, layout=layout),
+        'probs': out.logits.float().softmax(-1).cpu(),
     }

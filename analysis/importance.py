@@ -75,7 +75,9 @@ def predict(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 128)
     """Predicted class of every image, ``[M]``, from the ViT's own head."""
     vit = _vit(model)
     vit.eval()
-    preds = [vit(pixel_values[i:i + batch_size]).argmax(-1) for i in range(0, len(pixel_values), batch_size)]
+    device = next(vit.parameters()).device
+    preds = [vit(pixel_values[i:i + batch_size].to(device)).argmax(-1).cpu()
+             for i in range(0, len(pixel_values), batch_size)]
     return torch.cat(preds)
 
 
@@ -101,12 +103,13 @@ def cls_features(model: nn.Module, pixel_values: torch.Tensor, batch_size: int =
         raise ValueError(f'{type(vit).__name__} has no CLS token (class_token=False); the linear probe reads the '
                          'CLS token after each block.')
     vit.eval()
+    device = next(vit.parameters()).device
     feats = []
     for i in range(0, len(pixel_values), batch_size):
-        inter = vit.forward_intermediates(pixel_values[i:i + batch_size], indices=None, return_prefix_tokens=True,
+        inter = vit.forward_intermediates(pixel_values[i:i + batch_size].to(device), indices=None, return_prefix_tokens=True,
                                           norm=True, output_fmt='NLC', intermediates_only=True)
         # inter: L x (patch tokens [B, P, D], prefix tokens [B, prefix, D]); CLS is prefix token 0
-        feats.append(torch.stack([prefix[:, 0] for _, prefix in inter]))  # [L, B, D]
+        feats.append(torch.stack([prefix[:, 0] for _, prefix in inter]).cpu())  # [L, B, D]
     return torch.cat(feats, dim=1).float()
 
 

@@ -114,8 +114,9 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
         # TimmWrapper builds the timm model from its architecture name, which brings the default
         # pretrained_cfg (224 px, ...); the checkpoint's own one says how its inputs are prepared.
         pretrained_cfg = getattr(config, 'pretrained_cfg', None)
-        if pretrained_cfg:
-            self.timm_model.pretrained_cfg = {**self.timm_model.pretrained_cfg, **pretrained_cfg}
+        if pretrained_cfg:  # authoritative: no tag or license of weights this checkpoint did not come from
+            architecture = self.timm_model.pretrained_cfg.get('architecture', config.architecture)
+            self.timm_model.pretrained_cfg = {'architecture': architecture, **pretrained_cfg}
 
     @property
     def token_layout(self) -> TokenLayout:
@@ -227,7 +228,7 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
         """Loads from an output directory, a Hub repo id (``user/name`` or ``hf-hub:user/name``),
         or a timm model name (``pretrained=True`` by default; ``label_names`` / ``model_args``
         as in `from_timm`)."""
-        name = str(pretrained_model_name_or_path)
+        name = os.path.expanduser(str(pretrained_model_name_or_path))
         if name.startswith('hf-hub:'):
             name = name[len('hf-hub:'):]
         if os.path.isdir(name):

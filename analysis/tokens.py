@@ -45,6 +45,10 @@ class TokenLayout:
             raise ValueError(
                 f'{type(model).__name__} has no ViT patch embedding (patch_embed.grid_size); '
                 'attention analysis needs a timm ViT such as vit_* or deit_*.')
+        if getattr(model, 'cls_token', None) is None or int(getattr(model, 'num_prefix_tokens', 0)) < 1:
+            raise ValueError(
+                f'{type(model).__name__} has no CLS token (class_token=False); the CLS attention maps need one. '
+                'Use a ViT with a class token (vit_*, deit_*).')
         return cls(
             num_prefix_tokens=int(getattr(model, 'num_prefix_tokens', 1)),
             grid_size=tuple(int(g) for g in patch_embed.grid_size),

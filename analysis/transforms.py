@@ -38,8 +38,16 @@ def eval_geometry(data_config: Dict) -> Callable:
 
 
 def mask_to_tensor(mask: Image.Image, geometry: Callable) -> torch.Tensor:
-    """A flower mask (mode L, 255 = flower) through the eval geometry, as ``[H, W]`` in ``[0, 1]``."""
-    cropped = geometry(mask.convert('L'))
+    """A flower mask through the eval geometry, as ``[H, W]`` in ``[0, 1]``.
+
+    Masks are 0 / 255 (mode L); label-style masks stored as 0 / 1 (also palette) are scaled up
+    first, or they would read as almost no flower.
+    """
+    mask = mask.convert('L') if mask.mode != 'P' else Image.fromarray(np.asarray(mask))
+    values = np.asarray(mask)
+    if values.max() == 1:
+        mask = Image.fromarray((values * 255).astype(np.uint8))
+    cropped = geometry(mask)
     return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)
 
 

@@ -55,7 +55,7 @@ def test_heatmaps_image_report(tiny_run, tmp_path):
     Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
     gray = tmp_path / 'gray.png'
     Image.fromarray((np.random.default_rng(1).random((40, 40)) * 255).astype(np.uint8)).save(gray)
-    assert cli(['image', '--model', str(run), '--output', str(tmp_path / 'img'), str(img), str(gray)]) == 0
+    assert cli(['image', f'--model={run}', '--output', str(tmp_path / 'img'), str(img), str(gray)]) == 0
     assert (tmp_path / 'img' / 'layer_grid.png').is_file()
 
     assert cli(['report', str(run)]) == 0
@@ -143,8 +143,11 @@ print(json.dumps(logits))
 def test_wrong_model_and_foreign_summary_are_clear_errors(tiny_run, tmp_path, capsys):
     """A non-ViT model and a summary written by another model: one line each, nothing downloaded."""
     run, _ = tiny_run
-    assert cli(['extract', '--model', 'resnet18', '--output', str(tmp_path / 's.safetensors')]) == 1
+    assert cli(['extract', '--model', 'resnet18', '--dataset_name', 'synthetic', '--output',
+                str(tmp_path / 's.safetensors')]) == 1
     assert 'transformer blocks' in capsys.readouterr().err
+    assert cli(['extract', '--model', 'vit_tiny_patch16_224', '--output', str(tmp_path / 's.safetensors')]) == 1
+    assert 'name the dataset' in capsys.readouterr().err  # no silent default dataset
 
     other = tmp_path / 'other'
     other.mkdir()

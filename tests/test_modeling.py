@@ -129,3 +129,19 @@ def test_images_must_tile_the_patch_grid(tiny_model):
     check_input_size(torch.zeros(1, 3, 32, 32), tiny_model.token_layout)
     with pytest.raises(ValueError, match='eval transform'):
         check_input_size(torch.zeros(1, 3, 40, 32), tiny_model.token_layout)
+
+
+def test_model_without_cls_token_is_refused():
+    model = TimmViTForImageClassification.from_timm(
+        'vit_tiny_patch16_224', label_names=CLASSES, model_args={**TINY, 'class_token': False, 'global_pool': 'avg'})
+    with pytest.raises(ValueError, match='no CLS token'):
+        model.token_layout
+
+
+def test_label_style_masks_are_scaled():
+    from analysis.transforms import mask_to_tensor
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:6, 2:6] = 1
+    as_label = mask_to_tensor(Image.fromarray(labels), lambda m: m)
+    as_l = mask_to_tensor(Image.fromarray(labels * 255), lambda m: m)
+    assert torch.equal(as_label, as_l) and as_l.sum() == 16

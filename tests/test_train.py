@@ -58,6 +58,22 @@ def test_json_config_and_flag_errors(tmp_path):
     assert from_file[2].learning_rate == training_args.learning_rate == demo['learning_rate']
 
 
+def test_config_file_then_flags_and_model_args_defaults(tmp_path):
+    demo = str(ROOT / 'configs' / 'synthetic_demo.json')
+    _, _, training_args = train_hf.parse_args([demo, '--max_steps', '7', '--output_dir', str(tmp_path)])
+    assert training_args.max_steps == 7 and training_args.learning_rate == 1e-3
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'max_stepz': 3}))
+    with pytest.raises(ValueError, match='max_stepz'):
+        train_hf.parse_args([str(bad)])
+    # the demo's small shape belongs to the demo model only
+    model_args, _, _ = train_hf.parse_args(['--model_name_or_path', 'vit_base_patch16_224', '--pretrained', 'true'])
+    assert model_args.timm_kwargs == {}
+    with pytest.raises(ValueError, match='persistent_workers'):
+        train_hf.main(tiny_args(tmp_path / 'o', '--dataloader_num_workers', '1',
+                                '--dataloader_persistent_workers', 'true', '--max_steps', '1'))
+
+
 def test_last_complete_checkpoint_skips_partial(tmp_path):
     for step, complete in ((2, True), (4, False)):
         d = tmp_path / f'checkpoint-{step}'
