@@ -29,8 +29,8 @@ def eval_transform(data_config: Dict) -> Callable:
 def eval_geometry(data_config: Dict) -> Callable:
     """Only the geometric steps of `eval_transform` (resize, crop), PIL in, PIL out.
 
-    Applied to a mask or to the image itself, it gives the pixels the model sees, so a flower
-    mask lines up with the patch grid and example images can be shown un-normalised.
+    Applied to a flower mask, it gives the pixels the model sees, so the mask lines up with the
+    patch grid.
     """
     steps = [t for t in eval_transform(data_config).transforms
              if not isinstance(t, (T.ToTensor, T.Normalize, timm.data.transforms.MaybeToTensor))]
@@ -49,11 +49,6 @@ def mask_to_tensor(mask: Image.Image, geometry: Callable) -> torch.Tensor:
         mask = Image.fromarray((values * 255).astype(np.uint8))
     cropped = geometry(mask)
     return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)
-
-
-def image_to_uint8(image: Image.Image, geometry: Callable) -> torch.Tensor:
-    """The model-input crop of an image, un-normalised, ``[H, W, 3]`` uint8."""
-    return torch.from_numpy(np.array(geometry(to_rgb(image)), dtype=np.uint8))
 
 
 class SeededAugmentation:
