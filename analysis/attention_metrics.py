@@ -409,3 +409,22 @@ def layers_preferring_flower(metrics: Dict, threshold: float = 1.0) -> List[int]
         reason = metrics.get('omitted', {}).get('fg_lift', 'it is missing')
         raise ValueError(f'these metrics have no fg_lift ({reason}); check metrics["has_masks"] first')
     return [layer for layer, value in enumerate(lift['mean']) if value is not None and value > threshold]
+
+
+def class_mean_cls_maps(cls_attention: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Head-averaged CLS maps averaged over the images of each class.
+
+    Args:
+        cls_attention: ``[M, L, H, P]`` CLS-to-patch attention.
+        labels: ``[M]`` class indices.
+        num_classes: ``C``.
+
+    Returns:
+        ``(maps [C, L, P], counts [C])``; classes without images have all-zero maps and count 0.
+    """
+    maps = cls_attention.float().mean(dim=2)  # [M, L, P]
+    labels = labels.long()
+    sums = torch.zeros(num_classes, *maps.shape[1:]).index_add_(0, labels, maps)  # [C, L, P]
+    counts = torch.bincount(labels, minlength=num_classes)  # [C]
+    return sums / counts.clamp(min=1)[:, None, None], counts

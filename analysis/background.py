@@ -27,14 +27,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from data_scripts.synthetic_flowers import MIXED_VARIANTS, VARIANTS, render_variant
+
 from .extract import extract_summary
 from .metrics import classification_metrics
 from .transforms import model_data_config
 
 _logger = logging.getLogger(__name__)
 
-VARIANTS = ('original', 'only_fg', 'no_fg', 'only_bg_t', 'mixed_same', 'mixed_rand')
-MIXED_VARIANTS = ('mixed_same', 'mixed_rand')
 
 
 def check_variant(variant: str) -> None:
@@ -205,11 +205,6 @@ def _check_has_masks(dataset: datasets.Dataset) -> None:
             'trimaps; this dataset has only ' + ', '.join(dataset.column_names) + '.')
 
 
-def _synthetic_renderer():
-    from data_scripts.synthetic_flowers import render_variant
-    return render_variant
-
-
 def variant_dataset(
         dataset: datasets.Dataset,
         variant: str,
@@ -247,7 +242,6 @@ def variant_dataset(
     if synthetic_config is not None:
         if split is None:
             raise ValueError('give the split name (train / validation / test) with synthetic_config.')
-        render_variant = _synthetic_renderer()
         _check_synthetic_matches(subset[0], synthetic_config, split, int(rows[0]), render_variant)
         for j, row in enumerate(rows):
             expected = int(row) % synthetic_config.num_classes

@@ -20,25 +20,18 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from analysis.files import write_text
+from data_scripts.files import write_text
+
+from .findings import VARIANT_DESCRIPTIONS, attention_sentences, background_limitation, background_sentences, fmt
+from .resources import template_text
+from .run_files import (BACKGROUND_FILE, CARD_FILE, CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, RESULTS_FILE,
+                        RUN_CONFIG_FILE, read_json, read_optional_json)
 
 logger = logging.getLogger(__name__)
 
-# The template lives at the top of the repository, next to README.md.
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / 'model_card.md'
+TEMPLATE_NAME = 'model_card.md'  # packaged: analysis/templates/ (the top-level model_card.md)
 REPO_ID_PLACEHOLDER = '<user>/<model>'
 BASE_TAGS = ['image-classification', 'timm', 'vision-transformer', 'attention-analysis', 'flowers']
-# |bg_gap| above this (5 accuracy points) is read as "the prediction follows the background".
-BG_GAP_THRESHOLD = 0.05
-# Background-study variants (Xiao et al. 2020, "Noise or Signal: The Role of Image Backgrounds").
-VARIANT_DESCRIPTIONS = {
-    'original': 'the test image as is',
-    'only_fg': 'the flower on a black background',
-    'no_fg': 'the flower region blacked out, background kept',
-    'only_bg_t': 'the background alone, without the flower',
-    'mixed_same': 'the flower on the background of another image of the same class',
-    'mixed_rand': 'the flower on the background of an image of another class',
-}
 CLASSIFICATION_FIGURES = [
     ('confusion_matrix.png', 'Confusion matrix (rows: true class, columns: predicted class)'),
     ('f1_bars.png', 'F1 per class'),
@@ -70,22 +63,6 @@ def md_escape(text: Any) -> str:
     text = text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
     text = re.sub(r'([\\`*\[\]|])', r'\\\1', text)
     return re.sub(r'[\r\n]+', ' ', text)
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
-
-
-def _read_optional_json(path: Path) -> Optional[Dict[str, Any]]:
-    return _read_json(path) if path.is_file() else None
-
-
-def _fmt(value: Any, spec: str = '.3f') -> str:
-    """Formats a number for a table; missing values show as an en dash."""
-    if value is None:
-        return '–'
-    return format(float(value), spec)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -183,8 +160,8 @@ def _per_class_table(all_results: Dict[str, Any]) -> Tuple[str, str]:
     recall = all_results.get('test_recall_per_class', {})
     f1 = all_results.get('test_f1_per_class', {})
     support = all_results.get('test_support_per_class', {})
-    rows = [[md_escape(name), _fmt(precision.get(name)), _fmt(recall.get(name)), _fmt(f1.get(name)),
-             _fmt(support.get(name), '.0f')] for name in names]
+    rows = [[md_escape(name), fmt(precision.get(name)), fmt(recall.get(name)), fmt(f1.get(name)),
+             fmt(support.get(name), 'int')] for name in names]
     table = _table(['Class', 'Precision', 'Recall', 'F1', 'Support'], rows)
     scored = [(float(f1[name]), name) for name in names if f1.get(name) is not None]
     sentence = ''
@@ -222,31 +199,23 @@ def _attention_section(metrics: Optional[Dict[str, Any]]) -> Tuple[str, str]:
         for layer in range(num_layers):
             heads = fg_lift['per_head'][layer]
             best = max(range(len(heads)), key=lambda h: heads[h])
-            rows.append([str(layer + 1), _fmt(fg_lift['mean'][layer], '.2f'), _fmt(fg_ratio[layer]),
-                         _fmt(pointing[layer], '.2f'), _fmt(entropy[layer]), _fmt(distance[layer], '.1f'),
-                         f'{best + 1} ({_fmt(heads[best], ".2f")})'])
+            rows.append([str(layer + 1), fmt(fg_lift['mean'][layer], digits=2), fmt(fg_ratio[layer]),
+                         fmt(pointing[layer], digits=2), fmt(entropy[layer]), fmt(distance[layer], 'px'),
+                         f'{best + 1} ({fmt(heads[best], digits=2)})'])
         rollout = metrics.get('rollout') or {}
         if 'fg_lift' in rollout:
-            rows.append(['rollout', _fmt(rollout['fg_lift'], '.2f'), _fmt(rollout.get('fg_ratio')),
-                         _fmt(rollout.get('pointing_game'), '.2f'), _fmt(rollout.get('entropy')), '–', '–'])
+            rows.append(['rollout', fmt(rollout['fg_lift'], digits=2), fmt(rollout.get('fg_ratio')),
+                         fmt(rollout.get('pointing_game'), digits=2), fmt(rollout.get('entropy')), '–', '–'])
         parts.append(_table(['Layer', 'fg_lift', 'fg_ratio', 'pointing game', 'entropy',
                              'mean attention distance (px)', 'best head (fg_lift)'], rows))
-        above = [layer + 1 for layer in range(num_layers) if fg_lift['mean'][layer] > 1.0]
-        top = max(range(num_layers), key=lambda layer: fg_lift['mean'][layer])
-        if above:
-            parts.append(f'Layers with fg_lift > 1 (attend to the flower more than its area): '
-                         f'{", ".join(map(str, above))} (of {num_layers}); highest: layer {top + 1} '
-                         f'(fg_lift {fg_lift["mean"][top]:.2f}).')
-        else:
-            parts.append(f'No layer has fg_lift > 1: on average no layer attends to the flower more '
-                         f'than its area (highest: layer {top + 1}, fg_lift {fg_lift["mean"][top]:.2f}).')
+        parts += [md_escape(sentence) for sentence in attention_sentences(metrics)[:1]]
     else:
         reasons = '; '.join(md_escape(reason) for reason in dict.fromkeys((metrics.get('omitted') or {}).values()))
         parts.append('Flower-vs-background metrics (fg_ratio, fg_lift, pointing game, per class) are '
                      f'absent because the evaluation data has no flower masks ({reasons or "no reason recorded"}). '
                      'Only the mask-free metrics are reported: **entropy** normalised to [0, 1] '
                      '(1 = uniform) and **mean attention distance** in pixels.')
-        rows = [[str(layer + 1), _fmt(entropy[layer]), _fmt(distance[layer], '.1f')]
+        rows = [[str(layer + 1), fmt(entropy[layer]), fmt(distance[layer], 'px')]
                 for layer in range(num_layers)]
         parts.append(_table(['Layer', 'entropy', 'mean attention distance (px)'], rows))
     return '\n\n'.join(parts), f'{num_layers} layers'
@@ -257,12 +226,10 @@ def _background_section(background: Optional[Dict[str, Any]], num_classes: int,
     """The background-study results and the limitation sentence they support."""
     if background is None:
         return ('The background study was not run for this model (no `background.json`; run '
-                '`python -m analysis background` to add it).',
-                'The background study was not run, so how much the predictions rely on the background '
-                'rather than the flower is unknown.')
+                '`python -m analysis background` to add it).', background_limitation(None))
     variants = background.get('variants') or {}
-    rows = [[md_escape(name), md_escape(VARIANT_DESCRIPTIONS.get(name, '')), _fmt(values.get('accuracy')),
-             _fmt(values.get('macro_f1'))] for name, values in variants.items()]
+    rows = [[md_escape(name), md_escape(VARIANT_DESCRIPTIONS.get(name, '')), fmt(values.get('accuracy')),
+             fmt(values.get('macro_f1'))] for name, values in variants.items()]
     parts = ['The test images were re-rendered with the flower and the background separated '
              '(after Xiao et al. 2020, *Noise or Signal: The Role of Image Backgrounds in Object '
              'Recognition*):',
@@ -272,29 +239,14 @@ def _background_section(background: Optional[Dict[str, Any]], num_classes: int,
     if only_bg is not None and chance is not None:
         parts.append(f'On the background alone the accuracy is {float(only_bg):.1%} '
                      f'(chance: {chance:.1%}).')
-    bg_gap = background.get('bg_gap')
-    if bg_gap is None:
-        limitation = 'The background study did not record bg_gap, so reliance on the background is not quantified.'
-    else:
-        bg_gap = float(bg_gap)
-        if bg_gap > BG_GAP_THRESHOLD:
-            reading = (f'above {BG_GAP_THRESHOLD:.2f}: the prediction follows the background, so the '
-                       'model relies on the background')
-            limitation = (f'The model relies on the background: moving a flower onto the background of '
-                          f'another class costs {100 * bg_gap:.1f} accuracy points (bg_gap {bg_gap:.2f}). '
-                          'Expect errors on flowers photographed in unusual surroundings.')
-        else:
-            reading = (f'at most {BG_GAP_THRESHOLD:.2f}: the background of another class changes few '
-                       'predictions, so the model relies mostly on the flower')
-            limitation = (f'The background study found little reliance on the background (bg_gap '
-                          f'{bg_gap:.2f}); this holds for the kinds of backgrounds in the test data only.')
-        parts.append(f'**bg_gap** = accuracy(mixed_same) − accuracy(mixed_rand) = {bg_gap:.3f}, {reading}.')
+    parts += [md_escape(sentence) for sentence in background_sentences(background)[1:]]
+    limitation = background_limitation(background)
     parts += figures
     return '\n\n'.join(parts), limitation
 
 
 def _image_size(output_dir: Path) -> str:
-    config = _read_optional_json(output_dir / 'config.json')
+    config = read_optional_json(output_dir / CONFIG_FILE)
     input_size = ((config or {}).get('pretrained_cfg') or {}).get('input_size')
     if not input_size:
         return 'not recorded'
@@ -306,7 +258,7 @@ def _training_table(output_dir: Path, all_results: Dict[str, Any], run_config: D
     model = run_config.get('model') or {}
     training = run_config.get('training') or {}
     environment = run_config.get('environment') or {}
-    data_report = _read_optional_json(output_dir / 'data_report.json')
+    data_report = read_optional_json(output_dir / DATA_REPORT_FILE)
     name = md_escape(model.get('model_name_or_path', 'not recorded'))
     rows = [['Model', f'{name} (timm), ' + ('fine-tuned from pretrained weights' if model.get('pretrained')
                                             else 'random initialisation')]]
@@ -344,37 +296,34 @@ def _training_table(output_dir: Path, all_results: Dict[str, Any], run_config: D
 
 
 def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, license: str = 'apache-2.0',
-               template_path: Path = TEMPLATE_PATH) -> ModelCard:
+               template: Optional[str] = None) -> ModelCard:
     """Builds the model card of a training run (without writing it).
 
     Args:
         output_dir: the run's output directory (holds all_results.json and run_config.json).
         repo_id: the Hub repository the model goes to; None shows "<user>/<model>" in the examples.
         license: the license identifier for the card metadata.
-        template_path: the Jinja template.
+        template: the Jinja template text (default: the packaged model_card.md).
 
     Returns:
         The rendered ``huggingface_hub.ModelCard``.
     """
     output_dir = Path(output_dir)
-    for required in ('all_results.json', 'run_config.json'):
+    for required in (RESULTS_FILE, RUN_CONFIG_FILE):
         if not (output_dir / required).is_file():
             raise FileNotFoundError(
                 f'{output_dir / required} not found: the model card is made from a finished training '
                 'run; train first (train_hf.py --output_dir DIR) or pass that output directory.')
-    if not Path(template_path).is_file():
-        raise FileNotFoundError(f'Model card template {template_path} not found; it ships as model_card.md '
-                                'at the top of the flower-vit-lens repository.')
     if repo_id is not None:
         try:
             validate_repo_id(repo_id)
         except HFValidationError as e:
             raise ValueError(f'Invalid repo_id {repo_id!r}: {e} Use the form "user/name".') from e
 
-    all_results = _read_json(output_dir / 'all_results.json')
-    run_config = _read_json(output_dir / 'run_config.json')
-    metrics = _read_optional_json(output_dir / 'attention_metrics.json')
-    background = _read_optional_json(output_dir / 'background.json')
+    all_results = read_json(output_dir / RESULTS_FILE)
+    run_config = read_json(output_dir / RUN_CONFIG_FILE)
+    metrics = read_optional_json(output_dir / METRICS_FILE)
+    background = read_optional_json(output_dir / BACKGROUND_FILE)
     model = run_config.get('model') or {}
     data_config = run_config.get('data') or {}
     model_name = str(model.get('model_name_or_path', 'vit'))
@@ -410,10 +359,10 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
     background_section, background_limitation = _background_section(
         background, len(class_names), _figure_links(output_dir, BACKGROUND_FIGURES))
     support = all_results.get('test_support_per_class') or {}
-    sources = [name for name in ('all_results.json', 'run_config.json', 'config.json', 'data_report.json',
-                                 'attention_metrics.json', 'background.json') if (output_dir / name).is_file()]
+    sources = [name for name in (RESULTS_FILE, RUN_CONFIG_FILE, CONFIG_FILE, DATA_REPORT_FILE,
+                                 METRICS_FILE, BACKGROUND_FILE) if (output_dir / name).is_file()]
     card = ModelCard.from_template(
-        card_data, template_path=str(template_path),
+        card_data, template_str=template if template is not None else template_text(TEMPLATE_NAME),
         title=md_escape(title),
         model_name=md_escape(model_name),
         pretrained=bool(model.get('pretrained')),
@@ -455,7 +404,7 @@ def render_model_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = 
     """
     output_dir = Path(output_dir)
     card = build_card(output_dir, repo_id=repo_id, license=license)
-    path = output_dir / 'README.md'
+    path = output_dir / CARD_FILE
     write_text(path, str(card))
     logger.info('Wrote the model card to %s', path)
     return path

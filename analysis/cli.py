@@ -21,6 +21,8 @@ from typing import List, Optional
 
 from transformers import HfArgumentParser
 
+from data_scripts.errors import run_main
+
 logger = logging.getLogger('analysis')
 
 DATASET_FLAGS = ('--dataset_name', '--dataset', '--train_dir', '--data_dir')
@@ -140,8 +142,9 @@ def _split(dataset, split: str):
 
 def cmd_extract(argv: List[str]) -> None:
     from .extract import extract_summary
-    from .files import write_json
-    from .summary import METRICS_FILE, SUMMARY_FILE, save_summary
+    from data_scripts.files import write_json
+    from .run_files import METRICS_FILE, SUMMARY_FILE
+    from .summary import save_summary
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
     model = _load_model(flags.model)
     dataset = _dataset_for(data_args)
@@ -157,28 +160,21 @@ def cmd_extract(argv: List[str]) -> None:
 
 
 def cmd_heatmaps(argv: List[str]) -> None:
-    from .report import summary_figures
+    from .figures import summary_figures
     (flags,) = _parse(HeatmapFlags, argv)
     paths = summary_figures(flags.summary, flags.output)
     print('\n'.join(f'wrote {p}' for p in paths.values()))
 
 
 def cmd_image(argv: List[str]) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from data_scripts import open_image
 
     from . import plots
     from .extract import attend_images
     flags, files = _parse(ImageFlags, argv)
     if not files:
         raise ValueError('give one or more image files: python -m analysis image --model <m> a.jpg b.png')
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                img.load()
-                images.append(img.copy())
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f'{f} is not a readable image ({e})') from e
+    images = [open_image(f) for f in files]  # upright (EXIF orientation applied), RGB
     model = _load_model(flags.model)
     result = attend_images(model, images)
     names = model.class_names
@@ -195,7 +191,8 @@ def cmd_image(argv: List[str]) -> None:
 
 def cmd_report(argv: List[str]) -> None:
     from .report import write_report
-    from .summary import SUMMARY_FILE, check_summary_matches, read_summary_meta
+    from .run_files import SUMMARY_FILE
+    from .summary import check_summary_matches, read_summary_meta
     (flags,) = _parse(ReportFlags, argv)
     run = Path(flags.output_dir)
     if (run / SUMMARY_FILE).is_file() and (run / 'config.json').is_file():
@@ -213,7 +210,7 @@ def _study_output(flags) -> Path:
 
 def _write_study(output: Path, name: str, result: dict, figure) -> None:
     from . import plots
-    from .files import write_json
+    from data_scripts.files import write_json
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / f'{name}.json', result)
     plots.save_figure(figure(result), output / 'figures' / f'{name}.png')
@@ -221,14 +218,12 @@ def _write_study(output: Path, name: str, result: dict, figure) -> None:
 
 
 def cmd_background(argv: List[str]) -> None:
-    from data_scripts.loading import synthetic_config_from_args
-
     from . import plots
     from .background import background_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     model = _load_model(flags.model)
     dataset = _dataset_for(data_args)
-    synthetic = synthetic_config_from_args(data_args) if data_args.dataset_name == 'synthetic' else None
+    synthetic = data_args.synthetic_config() if data_args.dataset_name == 'synthetic' else None
     result = background_study(model, _split(dataset, flags.split), seed=flags.seed, batch_size=flags.batch_size,
                               synthetic_config=synthetic, split=flags.split, max_images=flags.max_images,
                               model_id=flags.model)
@@ -271,11 +266,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    command, rest = argv[0], argv[1:]
-    from .hub import HubError
-    try:
-        COMMANDS[command](rest)
-    except (ValueError, OSError, HubError) as e:  # user errors (and OSError: files, Hub): one clear line
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    return 0
+    return run_main(COMMANDS[argv[0]], argv[1:])

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attention_metrics import AttentionMetricsAccumulator
-from .files import write_json
+from data_scripts.files import write_json
 from .modeling import TimmViTForImageClassification
 from .rollout import rollout_cls
-from .summary import METRICS_FILE, SUMMARY_FILE, SUMMARY_FORMAT, SUMMARY_VERSION, save_summary
+from .run_files import METRICS_FILE, SUMMARY_FILE
+from .summary import SUMMARY_FORMAT, SUMMARY_VERSION, save_summary
 from .tokens import TokenLayout
 from .transforms import batch_transform, collate, eval_geometry, eval_transform, model_data_config
 

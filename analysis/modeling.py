@@ -27,13 +27,26 @@ from timm.models._hub import save_config_for_hf
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .files import atomic_path, write_json
+from data_scripts.errors import one_line
+from data_scripts.files import atomic_path, write_json
 from .tokens import TokenLayout
 
 _logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name is meant as a folder on this machine rather than a Hub id or timm name.
+
+    ``./x``, ``/x``, ``~/x``, ``a/b/c`` and ``a/b`` whose ``a`` is a local folder (``outputs/typo``)
+    are local paths; ``user/name`` with no folder ``user`` here is a Hub repo id.
+    """
+    name = str(name)
+    if name.startswith(('.', '/', '~')) or '\\' in name or name.count('/') > 1:
+        return True
+    return '/' in name and os.path.isdir(name.split('/')[0])
 
 
 def vit_attention_modules(vit: torch.nn.Module) -> List[Tuple[str, Attention]]:
@@ -237,10 +250,15 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
                     f'{name} has no {CONFIG_NAME}: pass the output directory of a training run '
                     '(it holds config.json and model.safetensors).')
             return super().from_pretrained(name, *args, **kwargs)
-        if name.startswith(('/', '.', '~')) or name.count('/') > 1:
-            raise FileNotFoundError(f'{name} does not exist: pass an output directory, a Hub repo id '
+        if looks_like_local_path(name):
+            raise FileNotFoundError(f'{name} is not a folder: pass an output directory, a Hub repo id '
                                     '(user/name) or a timm model name.')
         if '/' in name:
-            return super().from_pretrained(name, *args, **kwargs)
+            try:
+                return super().from_pretrained(name, *args, **kwargs)
+            except OSError as e:  # transformers: repo not found, or the Hub cannot be reached
+                raise FileNotFoundError(
+                    f'{name} is neither a local folder nor a model on the Hub that can be loaded now '
+                    f'({one_line(e)[:200]}); check the name, or pass an output directory.') from e
         kwargs.setdefault('pretrained', True)
         return cls.from_timm(name, **kwargs)

@@ -19,7 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from analysis.files import atomic_path
+from data_scripts.files import atomic_path
 from analysis.tokens import TokenLayout
 
 _logger = logging.getLogger(__name__)
@@ -433,16 +433,20 @@ def importance_figure(importance: Mapping) -> Figure:
             ax.axhline(baseline, color='black', linestyle='--', linewidth=1, label=f'full model ({baseline:.2f})')
 
     panels = []
-    if importance.get('probe_accuracy') is not None:
-        def draw_probe(ax: Axes) -> None:
-            acc = _as_numpy(importance['probe_accuracy'])
-            ax.plot(np.arange(1, len(acc) + 1), acc, marker='o', markersize=3, label='linear probe on CLS')
+    def line_panel(key: str, first_x: int, color: str, label: str, xlabel: str, title: str):
+        def draw(ax: Axes) -> None:
+            acc = _as_numpy(importance[key])
+            ax.plot(np.arange(first_x, first_x + len(acc)), acc, marker='o', markersize=3, color=color, label=label)
             baseline_line(ax)
-            ax.set_xlabel('layer')
+            ax.set_xlabel(xlabel)
             ax.set_ylabel('accuracy')
-            ax.set_title('Linear probe per layer', fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.legend(fontsize=7)
-        panels.append(draw_probe)
+        return draw
+
+    if importance.get('probe_accuracy') is not None:
+        panels.append(line_panel('probe_accuracy', 1, 'tab:blue', 'linear probe on CLS', 'layer',
+                                 'Linear probe per layer'))
     if importance.get('layer_skip_accuracy') is not None:
         def draw_skip(ax: Axes) -> None:
             acc = _as_numpy(importance['layer_skip_accuracy'])
@@ -456,15 +460,8 @@ def importance_figure(importance: Mapping) -> Figure:
             ax.legend(fontsize=7, loc='upper center', ncol=2)
         panels.append(draw_skip)
     if importance.get('truncate_accuracy') is not None:
-        def draw_truncate(ax: Axes) -> None:
-            acc = _as_numpy(importance['truncate_accuracy'])
-            ax.plot(np.arange(len(acc)), acc, marker='o', markersize=3, color='tab:green', label='probe, truncated')
-            baseline_line(ax)
-            ax.set_xlabel('last blocks removed')
-            ax.set_ylabel('accuracy')
-            ax.set_title('Truncated model (probe)', fontsize=10)
-            ax.legend(fontsize=7)
-        panels.append(draw_truncate)
+        panels.append(line_panel('truncate_accuracy', 0, 'tab:green', 'probe, truncated', 'last blocks removed',
+                                 'Truncated model (probe)'))
     if importance.get('head_ablation_accuracy') is not None:
         def draw_heads(ax: Axes) -> None:
             acc = _as_numpy(importance['head_ablation_accuracy'])  # [L, H]

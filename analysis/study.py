@@ -25,14 +25,19 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
+from data_scripts import load_flower_dataset
+from data_scripts.files import write_json, write_text
+
 from .background import background_study
+from .findings import fmt
 from .importance import importance_study
-from .files import write_json, write_text
 from .modeling import TimmViTForImageClassification
+from .report import write_report
+from .resources import config_file
+from .training import parse_args, run
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 MODELS = ('correlated', 'random')
 # quick=True: a smoke run of the whole pipeline (minutes -> seconds); the numbers mean nothing.
 QUICK_OVERRIDES = {
@@ -44,10 +49,7 @@ QUICK_OVERRIDES = {
 
 def study_config(name: str, output_dir: Path, quick: bool = False) -> Dict:
     """The training config of one study model, with its output_dir inside the study folder."""
-    path = CONFIG_DIR / f'study_{name}.json'
-    if not path.is_file():
-        raise FileNotFoundError(f'{path} is missing; the study trains from configs/study_{{correlated,random}}.json.')
-    config = json.loads(path.read_text())
+    config = json.loads(config_file(f'study_{name}').read_text())
     config['output_dir'] = str(output_dir / name)
     if quick:
         config.update(QUICK_OVERRIDES)
@@ -69,11 +71,7 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
     Returns:
         ``{"background": ..., "importance": ..., "seconds": {...}}``.
     """
-    import train_hf
-    from data_scripts import load_flower_dataset
-    from data_scripts.loading import synthetic_config_from_args
-
-    _, data_args, _ = train_hf.parse_args([str(config_path)])
+    _, data_args, _ = parse_args([str(config_path)])
     dataset = load_flower_dataset(data_args)
     model = TimmViTForImageClassification.from_pretrained(str(run_dir)).eval()
     seconds = {}
@@ -81,7 +79,7 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
     start = time.time()
     background = background_study(
         model, dataset['test'], seed=seed, batch_size=batch_size, split='test', model_id=run_dir.name,
-        synthetic_config=synthetic_config_from_args(data_args) if data_args.dataset_name == 'synthetic' else None)
+        synthetic_config=data_args.synthetic_config() if data_args.dataset_name == 'synthetic' else None)
     seconds['background'] = time.time() - start
     write_json(run_dir / 'background.json', background)
 
@@ -91,7 +89,6 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
     write_json(run_dir / 'importance.json', importance)
 
     # The report renders every figure of the run, background.png and importance.png included.
-    from .report import write_report
     write_report(run_dir)
     return {'background': background, 'importance': importance, 'seconds': seconds}
 
@@ -118,10 +115,6 @@ def summarise(name: str, test_accuracy: float, background: Dict, importance: Dic
     }
 
 
-def _fmt(value: Optional[float], digits: int = 3) -> str:
-    return 'n/a' if value is None else f'{value:.{digits}f}'
-
-
 def study_markdown(study: Dict) -> str:
     """The comparison table (and the verdict on each expected effect) as Markdown."""
     rows = study['models']
@@ -134,15 +127,15 @@ def study_markdown(study: Dict) -> str:
     def row(label, values):
         lines.append(f'| {label} | ' + ' | '.join(values) + ' |')
 
-    row('test accuracy (training run)', [_fmt(r['test_accuracy']) for r in rows])
+    row('test accuracy (training run)', [fmt(r['test_accuracy']) for r in rows])
     for variant in rows[0]['variant_accuracy']:
-        row(f'accuracy, {variant}', [_fmt(r['variant_accuracy'].get(variant)) for r in rows])
-    row('bg_gap = acc(mixed_same) - acc(mixed_rand)', [_fmt(r['bg_gap']) for r in rows])
-    row('mean fg_lift, first two layers (original)', [_fmt(r['fg_lift_first_two']) for r in rows])
-    row('mean fg_lift, last two layers (original)', [_fmt(r['fg_lift_last_two']) for r in rows])
+        row(f'accuracy, {variant}', [fmt(r['variant_accuracy'].get(variant)) for r in rows])
+    row('bg_gap = acc(mixed_same) - acc(mixed_rand)', [fmt(r['bg_gap']) for r in rows])
+    row('mean fg_lift, first two layers (original)', [fmt(r['fg_lift_first_two']) for r in rows])
+    row('mean fg_lift, last two layers (original)', [fmt(r['fg_lift_last_two']) for r in rows])
     num_layers = len(rows[0]['probe_accuracy'])
     for layer in range(num_layers):
-        row(f'probe accuracy, layer {layer + 1}', [_fmt(r['probe_accuracy'][layer]) for r in rows])
+        row(f'probe accuracy, layer {layer + 1}', [fmt(r['probe_accuracy'][layer]) for r in rows])
     row('heads prunable within 1 point', [f'{r["num_prunable_heads"]} / {r["num_heads"]}' for r in rows])
     lines += ['', 'Layers are numbered from 1 (closest to the pixels). Expected if the correlated model relies '
               'on the background (SE: binomial standard error of the difference, over the test images):', '']
@@ -152,7 +145,7 @@ def study_markdown(study: Dict) -> str:
             difference = check['correlated'] - check['random']
             noise = 'beyond' if abs(difference) > 2 * check['se'] else 'within'
             verdict += f' (difference {difference:+.3f}, {noise} 2 SE = {2 * check["se"]:.3f})'
-        lines.append(f'- {check["claim"]}: correlated {_fmt(check["correlated"])}, random {_fmt(check["random"])} '
+        lines.append(f'- {check["claim"]}: correlated {fmt(check["correlated"])}, random {fmt(check["random"])} '
                      f'-> {verdict}')
     return '\n'.join(lines) + '\n'
 
@@ -196,8 +189,6 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         The content of ``OUT/study.json``: ``{"models": [row per model], "checks": [...], "seconds":
         {model: {"train", "background", "importance"}}, "wall_time_s", "quick"}``.
     """
-    import train_hf
-
     output_dir = Path(output_dir)
     (output_dir / 'configs').mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -208,7 +199,7 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         write_json(config_path, config)
         _logger.info(f'study: training the {name} model -> {config["output_dir"]}')
         t0 = time.time()
-        test_metrics = train_hf.main([str(config_path)])
+        test_metrics = run(*parse_args([str(config_path)]))
         train_s = time.time() - t0
         result = analyse_model(Path(config['output_dir']), config_path, seed=seed, batch_size=batch_size,
                                pruning_seconds=30.0 if quick else 300.0)

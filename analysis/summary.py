@@ -17,13 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_path
+from data_scripts.files import atomic_path
 from .tokens import TokenLayout
 
 SUMMARY_FORMAT = 'flower-vit-lens/attention-summary'
 SUMMARY_VERSION = 1
-SUMMARY_FILE = 'attentions.safetensors'
-METRICS_FILE = 'attention_metrics.json'
 EXTRACT_COMMAND = 'python -m analysis extract --model <dir>'
 
 

@@ -69,7 +69,7 @@ class SeededAugmentation:
     def __init__(self, transform: Callable, seed: int):
         self.transform = transform
         self.seed = seed
-        self.epoch = 0  # set by the training loop (train_hf.AugmentationEpoch)
+        self.epoch = 0  # set by the training loop (analysis.training.AugmentationEpoch)
 
     def __call__(self, image: Image.Image, index: int):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])

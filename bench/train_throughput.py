@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_hf  # noqa: E402
+from analysis import training  # noqa: E402
+from data_scripts import load_flower_dataset  # noqa: E402
 from analysis.transforms import collate, model_data_config  # noqa: E402
 
 WARMUP = 5
@@ -36,11 +37,11 @@ class StepTimer(TrainerCallback):
 
 
 def build(argv):
-    model_args, data_args, training_args = train_hf.parse_args(argv)
-    dataset = train_hf.load_flower_dataset(data_args)
+    model_args, data_args, training_args = training.parse_args(argv)
+    dataset = load_flower_dataset(data_args)
     class_names = dataset['train'].features['label'].names
-    model = train_hf.build_model(model_args, class_names)
-    augmentation = train_hf.attach_transforms(dataset, model_data_config(model.timm_model),
+    model = training.build_model(model_args, class_names)
+    augmentation = training.attach_transforms(dataset, model_data_config(model.timm_model),
                                               model_args.min_crop_scale, training_args.seed)
     return model, dataset['train'], training_args, augmentation
 
@@ -49,7 +50,7 @@ def trainer_images_per_s(argv, steps: int) -> float:
     model, dataset, training_args, augmentation = build(argv)
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[timer, train_hf.AugmentationEpoch(augmentation)])
+                      callbacks=[timer, training.AugmentationEpoch(augmentation)])
     trainer.train()
     return (steps - WARMUP) * training_args.per_device_train_batch_size / (timer.end - timer.start)
 

@@ -1,7 +1,9 @@
-"""Flower datasets in one standard form (image / label / mask) and their hygiene checks."""
+"""The base layer: flower datasets in one standard form (image / label / mask), their hygiene
+checks, and the few utilities every other layer uses (atomic files, Hub access, one-line errors).
+Nothing here imports `analysis` or `train_hf`."""
 
 from .args import DataArguments
-from .hygiene import check_images, to_rgb, write_data_report
+from .hygiene import check_images, open_image, to_rgb
 from .loading import load_flower_dataset
 from .synthetic_flowers import SyntheticFlowers, SyntheticFlowersConfig, render_example, render_variant
 
@@ -11,8 +13,8 @@ __all__ = [
     "SyntheticFlowersConfig",
     "check_images",
     "load_flower_dataset",
+    "open_image",
     "render_example",
     "render_variant",
     "to_rgb",
-    "write_data_report",
 ]

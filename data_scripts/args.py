@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .synthetic_flowers import BACKGROUND_MODES, MAX_CLASSES
+from .synthetic_flowers import MAX_CLASSES, SyntheticFlowersConfig
+
+
+SYNTHETIC_FLAGS = ("synthetic_num_classes", "synthetic_image_size", "synthetic_train_per_class",
+                   "synthetic_validation_per_class", "synthetic_test_per_class", "synthetic_background",
+                   "synthetic_bg_correlation", "synthetic_seed")
 
 
 @dataclass
@@ -102,6 +108,17 @@ class DataArguments:
                 "--dataset_name oxford102 needs --data_dir: a folder with 102flowers.tgz, imagelabels.mat and "
                 "setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/."
             )
+        for flag in ("train_dir", "validation_dir", "test_dir"):
+            folder = getattr(self, flag)
+            if folder is not None and not os.path.isdir(os.path.expanduser(folder)):
+                raise FileNotFoundError(f"--{flag} {folder} is not a folder; give a folder with one sub-folder per class.")
+        if self.train_dir is None and self.dataset_name == "oxford102" and not os.path.isdir(
+            os.path.expanduser(self.data_dir)
+        ):
+            raise FileNotFoundError(
+                f"--data_dir {self.data_dir} is not a folder; download the Oxford-102 files into it first "
+                "(see the README)."
+            )
         for flag in ("image_column_name", "label_column_name", "mask_column_name"):
             if not getattr(self, flag):
                 raise ValueError(f"--{flag} must not be empty.")
@@ -113,20 +130,11 @@ class DataArguments:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} must be >= 1 (or unset), got {value}.")
-        if not 2 <= self.synthetic_num_classes <= MAX_CLASSES:
-            raise ValueError(f"--synthetic_num_classes must be in 2..{MAX_CLASSES}, got {self.synthetic_num_classes}.")
-        if self.synthetic_image_size < 16:
-            raise ValueError(f"--synthetic_image_size must be >= 16, got {self.synthetic_image_size}.")
-        if self.synthetic_train_per_class < 1:
-            raise ValueError(f"--synthetic_train_per_class must be >= 1, got {self.synthetic_train_per_class}.")
-        for flag in ("synthetic_validation_per_class", "synthetic_test_per_class"):
-            if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}.")
-        if self.synthetic_background not in BACKGROUND_MODES:
-            raise ValueError(
-                f"--synthetic_background must be one of {list(BACKGROUND_MODES)}, got {self.synthetic_background!r}."
-            )
-        if not 0.0 <= self.synthetic_bg_correlation <= 1.0:
-            raise ValueError(f"--synthetic_bg_correlation must be in [0, 1], got {self.synthetic_bg_correlation}.")
-        if self.synthetic_seed < 0:
-            raise ValueError(f"--synthetic_seed must be >= 0, got {self.synthetic_seed}.")
+        try:  # the synthetic set's own checks, once; its field names are the flags without "synthetic_"
+            self.synthetic_config()
+        except ValueError as e:
+            raise ValueError(f"--synthetic_{e}") from e
+
+    def synthetic_config(self) -> SyntheticFlowersConfig:
+        """The synthetic dataset's config from the ``--synthetic_*`` flags."""
+        return SyntheticFlowersConfig(**{name.removeprefix("synthetic_"): getattr(self, name) for name in SYNTHETIC_FLAGS})

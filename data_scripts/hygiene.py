@@ -9,16 +9,14 @@ of an epoch. Usable-but-unusual images (grayscale, palette, alpha, CMYK, 16-bit)
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import datasets
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +96,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright.
+
+    The EXIF orientation tag is applied (``ImageOps.exif_transpose``), as the ``datasets`` Image
+    feature does, so a phone photo stored sideways is seen the way its viewer shows it.
+
+    Raises:
+        ValueError: the file cannot be read as an image (the message names it).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright if upright is not None else img.copy())
+    except (OSError, UnidentifiedImageError, SyntaxError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable image ({err}).") from err
 
 
 def _open(entry: dict) -> Image.Image:
@@ -216,11 +232,7 @@ def check_images(
     report["num_skipped"] = len(report["skipped"])
 
     if report["skipped"] and strict:
-        lines = [f"  {s['split']}[{s['index']}] {s['path'] or '(embedded)'}: {s['reason']}" for s in report["skipped"]]
-        raise ValueError(
-            f"{len(lines)} unusable image(s):\n" + "\n".join(lines) + "\nFix or remove these files, or drop "
-            "--strict_images to skip them (they are then listed in data_report.json)."
-        )
+        raise ValueError(unusable_message(report))
     if report["skipped"]:
         total = sum(report["num_checked"].values())
         logger.warning(
@@ -254,22 +266,17 @@ def _require_classes_kept(before: datasets.Dataset, after: datasets.Dataset) -> 
         )
 
 
-def write_data_report(report: dict[str, Any], path: str) -> None:
-    """Write the report as JSON, atomically (temporary file, then rename).
+def unusable_message(report: dict[str, Any], report_path: Optional[str] = None, shown: int = 3) -> str:
+    """One line naming the unusable files of a `check_images` report and what to do about them.
 
     Args:
-        report: as returned by check_images.
-        path: destination file.
+        report: as returned by `check_images`.
+        report_path: where the full list was written, if it was.
+        shown: how many files to name.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".data_report.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    skipped = report["skipped"]
+    named = "; ".join(f"{s['split']}[{s['index']}] {s['path'] or '(embedded)'}: {s['reason']}" for s in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    listed = f" (all listed in {report_path})" if report_path else ""
+    return (f"{len(skipped)} unusable image(s){listed}: {named}{more}. Fix or remove these files, or drop "
+            "--strict_images to skip them.")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .args import DataArguments
 from .oxford102 import Oxford102
-from .synthetic_flowers import SyntheticFlowers, SyntheticFlowersConfig
+from .synthetic_flowers import SyntheticFlowers
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +26,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-
-
-def synthetic_config_from_args(args: DataArguments) -> SyntheticFlowersConfig:
-    """The synthetic dataset's config from the ``--synthetic_*`` flags."""
-    return SyntheticFlowersConfig(
-        num_classes=args.synthetic_num_classes,
-        image_size=args.synthetic_image_size,
-        train_per_class=args.synthetic_train_per_class,
-        validation_per_class=args.synthetic_validation_per_class,
-        test_per_class=args.synthetic_test_per_class,
-        background=args.synthetic_background,
-        bg_correlation=args.synthetic_bg_correlation,
-        seed=args.synthetic_seed,
-    )
 
 
 def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[int] = None) -> datasets.DatasetDict:
@@ -67,7 +53,7 @@ def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[i
     if args.train_dir is not None:
         ds = _load_image_folders(args.train_dir, args.validation_dir, args.test_dir)
     elif args.dataset_name == "synthetic":
-        builder = SyntheticFlowers(config=synthetic_config_from_args(args), cache_dir=args.cache_dir)
+        builder = SyntheticFlowers(config=args.synthetic_config(), cache_dir=args.cache_dir)
         builder.download_and_prepare(num_proc=num_proc)
         ds = builder.as_dataset()
     elif args.dataset_name == "oxford102":

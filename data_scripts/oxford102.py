@@ -39,7 +39,7 @@ from typing import Iterator, Optional
 import datasets
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,9 @@ class Oxford102(datasets.GeneratorBasedBuilder):
         for image_id, _, data in _iter_archive(os.path.join(data_dir, SEGMENTATIONS_ARCHIVE), _SEGMENTATION_MEMBER):
             if image_id in wanted:
                 buffer = io.BytesIO()
-                segmentation_to_mask(Image.open(io.BytesIO(data))).save(buffer, format="PNG")
+                # upright, as datasets decodes the image itself (EXIF orientation applied)
+                segmentation = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+                segmentation_to_mask(segmentation).save(buffer, format="PNG")
                 masks[image_id] = buffer.getvalue()
         missing = len(wanted) - len(masks)
         if missing:

@@ -14,7 +14,6 @@ The Hub token comes from HF_TOKEN or ``hf auth login`` and is checked before the
 it is never a command-line flag (it would end up in the shell history).
 """
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,10 @@ from datasets.table import embed_table_storage
 from huggingface_hub import constants
 from transformers import HfArgumentParser
 
-from analysis.hub import HubError, check_hub_access, resolve_token, validate_hub_repo_id
 from data_scripts import DataArguments, check_images, load_flower_dataset
+from data_scripts.errors import run_main
+from data_scripts.files import atomic_path
+from data_scripts.hub import check_hub_access, resolve_token, validate_hub_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,8 @@ def write_hub_layout(dataset: datasets.DatasetDict, folder: Union[str, Path]) ->
         # Image columns that point to files on disk get their bytes read into the table.
         embedded = ds.with_format('arrow').map(embed_table_storage, batched=True, keep_in_memory=True)
         path = data_dir / f'{split}-00000-of-00001.parquet'
-        tmp = path.with_name(f'.{path.name}.tmp')
-        try:
+        with atomic_path(path) as tmp:
             embedded.with_format(None).to_parquet(str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
         logger.info('Wrote %s (%d examples)', path, len(ds))
     return written
@@ -125,7 +122,4 @@ def main(argv: Optional[List[str]] = None) -> Union[str, Path]:
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        logger.info('Done: %s', main())
-    except HubError as e:  # no token / Hub unreachable: one line, no traceback
-        sys.exit(f'error: {e}')
+    sys.exit(run_main(lambda argv: logger.info('Done: %s', main(argv))))

@@ -27,6 +27,7 @@ The builder is used directly (``datasets`` >= 4 does not run loading scripts)::
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import functools
 import hashlib
@@ -125,11 +126,12 @@ class SyntheticFlowersConfig(datasets.BuilderConfig):
         if not 2 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"num_classes must be in 2..{MAX_CLASSES}, got {self.num_classes}.")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}.")
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
         if self.train_per_class < 1:
             raise ValueError(f"train_per_class must be >= 1, got {self.train_per_class}.")
-        if self.validation_per_class < 0 or self.test_per_class < 0:
-            raise ValueError("validation_per_class and test_per_class must be >= 0.")
+        for name in ("validation_per_class", "test_per_class"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.background not in BACKGROUND_MODES:
             raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}.")
         if not 0.0 <= self.bg_correlation <= 1.0:
@@ -314,17 +316,6 @@ def sample_spec(config: SyntheticFlowersConfig, split: str, index: int) -> Examp
 # --------------------------------------------------------------------------------------
 
 
-def _hsv_to_rgb(h_deg: float, s: float, v: float) -> np.ndarray:
-    """One HSV colour to RGB floats in [0, 1]. Returns array [3]."""
-    h = (h_deg % 360.0) / 60.0
-    c = v * s
-    x = c * (1 - abs(h % 2 - 1))
-    m = v - c
-    sector = int(h) % 6
-    rgb = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][sector]
-    return np.array(rgb) + m
-
-
 def _sector_coordinate(theta: np.ndarray, num_petals: int) -> np.ndarray:
     """Position across the nearest petal, -1 (one edge of its sector) .. 0 (midline) .. 1."""
     sector = 2 * np.pi / num_petals
@@ -414,7 +405,8 @@ def render_flower_layer(config: SyntheticFlowersConfig, spec: ExampleSpec) -> tu
     coverage = _box_downsample((in_petal | in_centre).astype(np.float32), k)  # [h, w]
     petal_sum = _box_downsample(np.where(in_petal, petal_shade, np.float32(0)), k)  # [h, w]
     centre_sum = _box_downsample(np.where(in_centre, centre_shade, np.float32(0)), k)  # [h, w]
-    petal_rgb = _hsv_to_rgb(spec.hue_deg, spec.saturation, spec.value).astype(np.float32)
+    petal_rgb = np.asarray(colorsys.hsv_to_rgb((spec.hue_deg % 360.0) / 360.0, spec.saturation, spec.value),
+                           dtype=np.float32)
     centre_rgb = np.asarray(species.centre_rgb, dtype=np.float32)
     # Average colour of the covered sub-pixels only (no blending with the empty outside).
     colour = (petal_sum[..., None] * petal_rgb + centre_sum[..., None] * centre_rgb) / np.maximum(
@@ -555,7 +547,9 @@ def render_background_layer(config: SyntheticFlowersConfig, spec: ExampleSpec) -
 # Public rendering API.
 # --------------------------------------------------------------------------------------
 
+# The background-study variants (Xiao et al. 2020); analysis.background composites them for other datasets.
 VARIANTS = ("original", "only_fg", "no_fg", "only_bg_t", "mixed_same", "mixed_rand")
+MIXED_VARIANTS = ("mixed_same", "mixed_rand")
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -612,7 +606,7 @@ def render_variant(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    is_mixed = variant.startswith("mixed_")
+    is_mixed = variant in MIXED_VARIANTS
     if is_mixed and partner_index is None:
         raise ValueError(f"variant {variant!r} needs partner_index (the background donor).")
     if not is_mixed and partner_index is not None:

@@ -10,7 +10,7 @@ from PIL import Image
 from analysis.background import (VARIANTS, background_study, choose_partners, fill_background, make_variant,
                                  variant_dataset)
 from analysis.modeling import TimmViTForImageClassification
-from data_scripts.synthetic_flowers import SyntheticFlowersConfig, render_example, render_variant
+from data_scripts.synthetic_flowers import MIXED_VARIANTS, SyntheticFlowersConfig, render_example
 
 CLASSES = ['a', 'b', 'c']
 
@@ -148,17 +148,34 @@ def _synthetic_split(config, split='test'):
     return datasets.Dataset.from_dict({'image': images, 'label': labels, 'mask': masks}, features=features)
 
 
-def test_synthetic_variants_are_rendered_exactly():
+def test_synthetic_variants_have_known_pixels():
+    """Each variant, checked against the split's own images and masks (not against the renderer)."""
     config = SyntheticFlowersConfig(num_classes=3, image_size=48, train_per_class=1, validation_per_class=0,
-                                    test_per_class=2)
+                                    test_per_class=3)
     ds = _synthetic_split(config)
-    out = variant_dataset(ds, 'only_bg_t', seed=0, synthetic_config=config, split='test')
+    images = [np.asarray(row['image']) for row in ds]
+    masks = [np.asarray(row['mask']) > 127 for row in ds]
+    labels = ds['label']
+    variant = {v: variant_dataset(ds, v, seed=0, synthetic_config=config, split='test') for v in VARIANTS}
     for i in range(len(ds)):
-        expected, expected_mask = render_variant(config, 'test', i, 'only_bg_t')
-        np.testing.assert_array_equal(np.asarray(out[i]['image']), np.asarray(expected))
-        np.testing.assert_array_equal(np.asarray(out[i]['mask']), np.asarray(ds[i]['mask']))
+        fg, bg = masks[i], ~masks[i]
+        got = {v: np.asarray(variant[v][i]['image']) for v in VARIANTS}
+        for v in VARIANTS:  # every variant keeps the mask of the flower it shows (or showed)
+            np.testing.assert_array_equal(np.asarray(variant[v][i]['mask']) > 127, fg)
+        np.testing.assert_array_equal(got['original'], images[i])
+        np.testing.assert_array_equal(got['only_fg'][fg], images[i][fg])
+        assert (got['only_fg'][bg] == 0).all() and (got['no_fg'][fg] == 0).all()
+        np.testing.assert_array_equal(got['no_fg'][bg], images[i][bg])
+        np.testing.assert_array_equal(got['only_bg_t'][bg], images[i][bg])
+        assert (np.abs(got['only_bg_t'][fg].astype(int) - images[i][fg]).sum(-1) > 30).mean() > 0.5  # flower gone
+        for v in MIXED_VARIANTS:
+            partner = int(choose_partners(labels, v, seed=0)[i])
+            assert (labels[partner] == labels[i]) == (v == 'mixed_same')
+            np.testing.assert_array_equal(got[v][fg], images[i][fg])
+            visible = bg & ~masks[partner]  # where the partner shows its own background
+            np.testing.assert_array_equal(got[v][visible], images[partner][visible])
     other = SyntheticFlowersConfig(num_classes=3, image_size=48, train_per_class=1, validation_per_class=0,
-                                   test_per_class=2, seed=1)
+                                   test_per_class=3, seed=1)
     with pytest.raises(ValueError, match='differs'):
         variant_dataset(ds, 'only_fg', synthetic_config=other, split='test')
 
@@ -185,9 +202,9 @@ def test_background_study_schema(tiny_model):
 
 
 def test_study_configs_differ_only_in_background_and_output_dir():
-    from analysis.study import CONFIG_DIR
-    correlated = json.loads((CONFIG_DIR / 'study_correlated.json').read_text())
-    random = json.loads((CONFIG_DIR / 'study_random.json').read_text())
+    from analysis.resources import config_file
+    correlated = json.loads(config_file('study_correlated').read_text())
+    random = json.loads(config_file('study_random.json').read_text())
     differ = {k for k in set(correlated) | set(random) if correlated.get(k) != random.get(k)}
     assert differ == {'synthetic_background', 'output_dir'}
     assert (correlated['synthetic_background'], random['synthetic_background']) == ('correlated', 'random')

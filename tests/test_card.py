@@ -147,7 +147,7 @@ def test_card_fg_lift_table_from_metrics(tmp_path):
     text = ModelCard.load(render_model_card(run)).text
     assert '| 1 | 1.25 | 0.500 | 0.70 | 0.900 | 10.0 | 2 (1.50) |' in text
     assert '| rollout | 1.38 |' in text
-    assert 'fg_lift > 1 (attend to the flower more than its area): 1, 3 (of 3); highest: layer 3' in text
+    assert 'fg_lift &gt; 1 (attend to the flower more than its area): 1, 3 (of 3); highest: layer 3' in text
     assert 'background study was not run' in text
 
 
@@ -162,7 +162,7 @@ def test_card_without_masks_says_why(tmp_path):
 def test_card_background_study(tmp_path):
     run = make_run_dir(tmp_path / 'run', background=True, figures=('background.png',))
     card = ModelCard.load(render_model_card(run))
-    assert 'bg_gap** = accuracy(mixed_same) − accuracy(mixed_rand) = 0.300' in card.text
+    assert 'bg_gap = acc(mixed_same) - acc(mixed_rand) = 0.30: the model uses the background' in card.text
     assert 'The model relies on the background' in card.text
     assert '| mixed_rand | the flower on the background of an image of another class | 0.550 | 0.500 |' in card.text
     assert 'figures/background.png' in _linked_targets(card.text)

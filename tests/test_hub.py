@@ -1,4 +1,4 @@
-"""Tests of analysis/hub.py. There is no Hub here: HfApi is patched at the network boundary."""
+"""Tests of analysis/hub.py and data_scripts/hub.py. There is no Hub here: HfApi is patched at the network boundary."""
 import logging
 import time
 from pathlib import Path
@@ -8,8 +8,9 @@ import pytest
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from analysis import hub
-from analysis.hub import HubError, check_hub_access, files_to_upload, push_output_dir, resolve_token
+from analysis.hub import files_to_upload, push_output_dir
+from data_scripts import hub
+from data_scripts.hub import HubError, check_hub_access, resolve_token
 from test_card import make_run_dir
 
 TOKEN = 'hf_SecretTokenThatMustNeverLeak123'
@@ -163,14 +164,8 @@ def test_bad_repo_id_is_value_error(fake_hub):
 # --- data_scripts/push.py: publishing a prepared dataset -------------------------------------
 
 def _tiny_synthetic_flags(tmp_path):
-    from dataclasses import fields
-
-    from data_scripts import DataArguments
-    flags = ['--dataset', 'synthetic', '--synthetic_train_per_class', '2', '--synthetic_validation_per_class', '1',
-             '--synthetic_test_per_class', '1', '--synthetic_image_size', '64']
-    if 'cache_dir' in {f.name for f in fields(DataArguments)}:
-        flags += ['--cache_dir', str(tmp_path / 'cache')]
-    return flags
+    return ['--dataset', 'synthetic', '--synthetic_train_per_class', '2', '--synthetic_validation_per_class', '1',
+            '--synthetic_test_per_class', '1', '--synthetic_image_size', '64', '--cache_dir', str(tmp_path / 'cache')]
 
 
 def test_dataset_dry_run_reloads_with_labels_names_and_masks(tmp_path, no_stored_token):

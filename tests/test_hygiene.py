@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_scripts import DataArguments, check_images, load_flower_dataset, to_rgb, write_data_report
+from data_scripts import DataArguments, check_images, load_flower_dataset, open_image, to_rgb
+from data_scripts.files import atomic_path, write_json
 
 
 def rgb(img) -> np.ndarray:
@@ -122,6 +123,7 @@ def test_strict_mode_lists_every_bad_file(tmp_path):
         check_images(ds, strict=True)
     message = str(err.value)
     assert all(name in message for name in BAD) and "--strict_images" in message
+    assert "\n" not in message and message.startswith("3 unusable image(s)")
 
 
 def test_class_whose_images_are_all_broken_is_named(tmp_path):
@@ -159,10 +161,37 @@ def test_masks_are_checked(tmp_path):
     assert reasons[1] == "mask size 8x8 != image size 10x8" and "no mask" in reasons[2]
 
 
-def test_write_data_report_is_atomic_json(tmp_path):
-    skipped = [{"split": "train", "index": 1, "path": None, "reason": "x"}]
-    report = {"num_checked": {"train": 2}, "num_skipped": 1, "skipped": skipped}
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "out" / "data_report.json"
-    write_data_report(report, str(path))
-    assert json.loads(path.read_text()) == report
+    write_json(path, {"num_skipped": 0})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("{cut off")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"num_skipped": 0}
     assert os.listdir(path.parent) == ["data_report.json"]  # no temporary left behind
+
+
+def _jpeg_with_orientation(orientation: int) -> bytes:
+    """A 4 x 2 JPEG whose left half is red and right half blue, tagged with an EXIF orientation."""
+    pixels = np.zeros((2, 4, 3), dtype=np.uint8)
+    pixels[:, :2] = (255, 0, 0)
+    pixels[:, 2:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((40, 20), Image.NEAREST).save(buffer, format="JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+def test_open_image_applies_exif_orientation(tmp_path):
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(_jpeg_with_orientation(6))  # 6: the camera was turned; viewers rotate 90 degrees clockwise
+    img = open_image(path)
+    assert img.mode == "RGB" and img.size == (20, 40)  # upright: taller than wide
+    top, bottom = np.asarray(img)[5, 10], np.asarray(img)[35, 10]
+    assert top[0] > 200 and top[2] < 60  # red (the stored left half) is on top after the rotation
+    assert bottom[2] > 200 and bottom[0] < 60
+    with pytest.raises(ValueError, match="not a readable image"):
+        (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+        open_image(tmp_path / "bad.jpg")

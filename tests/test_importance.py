@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from analysis import importance
 from analysis.importance import (ablate_heads, cls_features, greedy_pruning, importance_study, linear_probe,
                                  skip_blocks)
 from analysis.modeling import TimmViTForImageClassification
@@ -124,17 +125,57 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     assert accs[1] == 1.0 and accs[0] < 0.7
 
 
-def test_greedy_pruning_counts_heads_within_tolerance(model, pixels):
-    labels = torch.tensor([0, 1, 2, 0])
+def _scripted_accuracy(monkeypatch, by_call):
+    """Replaces the model's accuracy with ``by_call(ablated heads, skipped blocks)``; the model never runs."""
+    def fake_accuracy(model, pixel_values, labels, batch_size=128):
+        vit = model.timm_model
+        skipped = [i for i, block in enumerate(vit.blocks) if isinstance(block, torch.nn.Identity)]
+        ablated = sum(len(b.attn.proj._forward_pre_hooks) for b in vit.blocks if not isinstance(b, torch.nn.Identity))
+        return by_call(ablated, skipped)
+    monkeypatch.setattr(importance, 'accuracy', fake_accuracy)
+
+
+def test_layer_skip_accuracy_skips_each_block_in_turn(model, pixels, monkeypatch):
+    _scripted_accuracy(monkeypatch, lambda ablated, skipped: 1.0 - 0.1 * skipped[0] if len(skipped) == 1 else -1.0)
+    assert importance.layer_skip_accuracy(model, pixels, torch.zeros(len(pixels))) == pytest.approx([1.0, 0.9, 0.8])
+
+
+def test_greedy_pruning_counts_heads_within_tolerance(model, pixels, monkeypatch):
+    # Accuracy after 1, 2, ... heads removed (scripted); baseline 0.90, tolerance 1 point -> 0.89 is the floor.
+    after = [0.905, 0.895, 0.891, 0.889, 0.893, 0.84, 0.80]
+    calls = []
+
+    def ablated_accuracy(model, heads, pixel_values, labels, batch_size):
+        calls.append([list(h) for h in heads])
+        return after[len(heads) - 1]
+    monkeypatch.setattr(importance, '_ablated_accuracy', ablated_accuracy)
     head_acc = [[0.5] * HEADS for _ in range(DEPTH)]
     head_acc[2][1] = 0.9  # least important: goes first
-    result = greedy_pruning(model, pixels, labels, head_acc, baseline=1.0, stop_drop=1.1)
-    assert result['order'][0] == [2, 1]
-    assert len(result['order']) == len(result['accuracy']) == DEPTH * HEADS
+    head_acc[0][2] = 0.8  # second
+    result = greedy_pruning(model, pixels, torch.zeros(len(pixels)), head_acc, baseline=0.90)
+    assert result['order'][:2] == [[2, 1], [0, 2]]
+    assert [len(c) for c in calls] == [1, 2, 3, 4, 5, 6]  # cumulative; stops below baseline - 5 points
+    assert calls[1] == [[2, 1], [0, 2]] and calls[5][:2] == [[2, 1], [0, 2]]
+    assert result['accuracy'] == after[:6] and result['stopped'] == 'accuracy'
+    assert result['num_prunable'] == 3  # 0.889 < 0.89 ends the prunable prefix, though 0.893 comes back
     assert result['num_heads'] == DEPTH * HEADS and result['tolerance'] == 0.01
-    n = result['num_prunable']
-    assert all(a >= 0.99 for a in result['accuracy'][:n])
-    assert n == len(result['accuracy']) or result['accuracy'][n] < 0.99
+
+
+def test_truncating_the_last_blocks_gives_the_probe_features_of_an_earlier_block(model, pixels):
+    # truncate_accuracy[k] is the probe after block L-1-k: the model without its last k blocks sees exactly
+    # the (normed) CLS token after block L-1-k.
+    full = cls_features(model, pixels)
+    for k in range(1, DEPTH):
+        with skip_blocks(model, range(DEPTH - k, DEPTH)):
+            truncated = cls_features(model, pixels)[-1]
+        torch.testing.assert_close(truncated, full[DEPTH - 1 - k], atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_accuracy_reads_the_probe_backwards(model, monkeypatch):
+    monkeypatch.setattr(importance, 'linear_probe', lambda *a, **k: [0.4, 0.7, 0.95])
+    data = datasets.DatasetDict({'train': _tiny_dataset(6, 0), 'test': _tiny_dataset(3, 1)})
+    result = importance_study(model, data, batch_size=4, pruning_seconds=0)
+    assert result['truncate_accuracy'] == [0.95, 0.7, 0.4]  # 0 blocks removed = the full model's probe
 
 
 def _tiny_dataset(n, seed):
@@ -152,7 +193,6 @@ def test_importance_study_schema(model):
         assert key in result
     for key in ('probe_accuracy', 'layer_skip_accuracy', 'truncate_accuracy'):
         assert len(result[key]) == DEPTH and all(0.0 <= a <= 1.0 for a in result[key])
-    assert result['truncate_accuracy'] == result['probe_accuracy'][::-1]
     assert [len(row) for row in result['head_ablation_accuracy']] == [HEADS] * DEPTH
     pruning = result['greedy_pruning']
     assert set(pruning) >= {'order', 'accuracy', 'num_prunable', 'num_heads', 'tolerance'}

@@ -5,7 +5,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 import train_hf
-from analysis.hub import HubError
+from data_scripts.hub import HubError
 from conftest import tiny_args
 from test_hub import TOKEN
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis import report, summary
+from analysis import figures, findings, report, summary
+from analysis.attention_metrics import class_mean_cls_maps
 from analysis.tokens import TokenLayout
 
 # M images, L layers, H heads; 1 prefix token, 2 x 2 patches of 8 px -> 16 x 16 images.
@@ -122,7 +123,7 @@ def test_load_summary_rejects_files_that_are_not_summaries(tmp_path):
 # ----------------------------------------------------------------------------- sentences
 
 def test_sentences_reflect_the_numbers_with_masks():
-    sentences = report.summary_sentences(make_results(), make_metrics(has_masks=True))
+    sentences = findings.summary_sentences(make_results(), make_metrics(has_masks=True))
     assert sentences[0] == 'Test accuracy 83.3%, macro F1 0.822; lowest class F1: tulip 0.67.'
     assert ('Layers with fg_lift > 1 (attend to the flower more than its area): 1, 2 (of 3); '
             'highest: layer 2 (fg_lift 1.40).') in sentences
@@ -133,17 +134,17 @@ def test_sentences_reflect_the_numbers_with_masks():
 
 def test_sentences_name_exactly_the_layers_above_one_and_skip_undefined_lift():
     metrics = make_metrics(has_masks=True, fg_lift=(0.9, None, 1.05), distance=(9.0, 6.0, 5.0))
-    sentences = report.summary_sentences(make_results(), metrics)
+    sentences = findings.summary_sentences(make_results(), metrics)
     assert any(s.startswith('Layers with fg_lift > 1 (attend to the flower more than its area): 3 (of 3); '
                             'highest: layer 3 (fg_lift 1.05)') for s in sentences)
     assert 'Mean attention distance shrinks from 9.0 px (layer 1) to 5.0 px (layer 3); range 5.0-9.0 px.' in sentences
     flat = make_metrics(has_masks=True, distance=(32.7, 32.4, 32.7))
     assert ('Mean attention distance is about the same at every layer (32.4-32.7 px).'
-            in report.summary_sentences(make_results(), flat))
+            in findings.summary_sentences(make_results(), flat))
 
 
 def test_sentences_without_masks_say_why():
-    sentences = report.summary_sentences(make_results(), make_metrics(has_masks=False))
+    sentences = findings.summary_sentences(make_results(), make_metrics(has_masks=False))
     assert 'Flower-mask metrics are omitted: the dataset has no flower masks.' in sentences
     assert not any('fg_lift' in s or 'pointing' in s.lower() for s in sentences)
 
@@ -151,17 +152,17 @@ def test_sentences_without_masks_say_why():
 @pytest.mark.parametrize('gap, verdict', [(0.21, 'the model uses the background'),
                                           (0.01, 'the background has little effect on the predictions')])
 def test_background_sentence_wording_follows_bg_gap(gap, verdict):
-    sentences = report.summary_sentences(make_results(), None, dict(BACKGROUND, bg_gap=gap), None)
+    sentences = findings.summary_sentences(make_results(), None, dict(BACKGROUND, bg_gap=gap), None)
     gap_sentence = [s for s in sentences if s.startswith('bg_gap')][0]
     assert f'= {gap:.2f}: {verdict}' in gap_sentence
 
 
 def test_importance_sentences():
-    sentences = report.summary_sentences(make_results(), None, None, IMPORTANCE)
+    sentences = findings.summary_sentences(make_results(), None, None, IMPORTANCE)
     # 90% of the final probe accuracy 0.9 is 0.81: first reached at layer 2.
     assert any(s.startswith('Class information appears in the CLS token at layer 2 ') for s in sentences)
     # After 3 removals accuracy 0.88 < 0.9 - 0.01, so 2 heads can go.
-    assert '2 of 6 heads can be pruned with < 1 point accuracy loss (greedy pruning).' in sentences
+    assert '2 of 6 heads can be pruned with at most 1 point accuracy loss (greedy pruning).' in sentences
     assert 'Ablating a single head costs at most 20.0 points (layer 1, head 1).' in sentences
     assert any(s.startswith('Skipping layer 1 hurts most') for s in sentences)
 
@@ -171,7 +172,7 @@ def test_class_mean_cls_maps_averages_heads_then_images_of_each_class():
     cls_attention[0, 0] = torch.tensor([[1., 0.], [0., 1.]])  # head mean [0.5, 0.5]
     cls_attention[1, 0] = torch.tensor([[1., 0.], [1., 0.]])  # head mean [1, 0]
     cls_attention[2, 0] = torch.tensor([[0., 1.], [0., 1.]])  # head mean [0, 1]
-    maps, counts = report.class_mean_cls_maps(cls_attention, torch.tensor([0, 0, 2]), num_classes=3)
+    maps, counts = class_mean_cls_maps(cls_attention, torch.tensor([0, 0, 2]), num_classes=3)
     torch.testing.assert_close(maps[:, 0], torch.tensor([[0.75, 0.25], [0., 0.], [0., 1.]]))
     assert counts.tolist() == [2, 0, 1]
 
@@ -180,12 +181,12 @@ def test_class_mean_cls_maps_averages_heads_then_images_of_each_class():
 
 def test_render_figures_writes_the_standard_pngs(tmp_path):
     out = make_run(tmp_path, has_masks=True)
-    figures = report.render_figures(out)
+    written = figures.render_figures(out)
     names = sorted(p.name for p in (out / 'figures').iterdir())
     # fg_lift is highest at layer 2 -> the head maps are of layer 2.
     assert names == ['class_maps.png', 'confusion_matrix.png', 'depth_curves.png', 'f1_bars.png',
                      'head_maps_layer2.png', 'layer_grid.png']
-    assert all(p.stat().st_size > 1000 for p in figures.values())
+    assert all(p.stat().st_size > 1000 for p in written.values())
 
 
 def test_write_report_is_self_contained_and_escaped(tmp_path):

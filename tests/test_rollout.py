@@ -95,14 +95,15 @@ def test_max_fusion_at_least_min_fusion():
     assert torch.equal(fused_max[0, 1, 2], attn[0, :, 1, 2].max())
 
 
-def test_rollout_cls_shape_and_layout():
-    layout = TokenLayout(1, (2, 2), (16, 16))
-    attentions = random_attentions(tokens=layout.num_tokens)
-    cls = rollout_cls(attentions, layout=layout)
-    assert cls.shape == (2, 4)
-    full = attention_rollout(attentions, layout=layout)
-    assert torch.equal(cls, full[:, 0, 1:])
-    assert (cls.sum(-1) < 1).all()  # the rest sits on CLS itself
+def test_rollout_cls_reads_the_cls_row_after_every_prefix_token():
+    # CLS + 1 register token, then 2 patches. One layer, both heads the same; CLS row [0.1, 0.2, 0.3, 0.4]:
+    # 0.5 A + 0.5 I gives [0.55, 0.1, 0.15, 0.2] (sums to 1), so the patches get 0.15 and 0.2.
+    layout = TokenLayout(2, (1, 2), (16, 16))
+    attn = torch.full((1, 2, 4, 4), 0.25)
+    attn[:, :, 0] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    cls = rollout_cls([attn], layout=layout)
+    assert cls.shape == (1, 2)
+    torch.testing.assert_close(cls[0], torch.tensor([0.15, 0.2]))
 
 
 @pytest.mark.parametrize('bad, message', [

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_hf
+from analysis import training
 from conftest import TINY_MODEL, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,47 +44,49 @@ def test_cli_end_to_end(tiny_run):
 def test_json_config_and_flag_errors(tmp_path):
     config = tmp_path / 'c.json'
     config.write_text(json.dumps({'output_dir': str(tmp_path / 'o'), 'model_args': TINY_MODEL, 'max_steps': 1}))
-    model_args, data_args, training_args = train_hf.parse_args([str(config)])
+    model_args, data_args, training_args = training.parse_args([str(config)])
     assert training_args.max_steps == 1 and data_args.dataset_name == 'synthetic'
     assert model_args.timm_kwargs['depth'] == 2
     with pytest.raises(ValueError, match='--model_args'):
-        train_hf.parse_args(['--model_args', '{not json'])
+        training.parse_args(['--model_args', '{not json'])
     # no arguments: the embedded demo
-    model_args, data_args, training_args = train_hf.parse_args([])
+    model_args, data_args, training_args = training.parse_args([])
     assert model_args.timm_kwargs['depth'] == 12 and not model_args.pretrained
     assert data_args.dataset_name == 'synthetic'
     demo = json.loads((ROOT / 'configs' / 'synthetic_demo.json').read_text())
-    from_file = train_hf.parse_args([str(ROOT / 'configs' / 'synthetic_demo.json')])
+    from_file = training.parse_args([str(ROOT / 'configs' / 'synthetic_demo.json')])
     assert [vars(a) for a in from_file[:2]] == [vars(model_args), vars(data_args)]
     assert from_file[2].learning_rate == training_args.learning_rate == demo['learning_rate']
 
 
 def test_config_file_then_flags_and_model_args_defaults(tmp_path):
     demo = str(ROOT / 'configs' / 'synthetic_demo.json')
-    _, _, training_args = train_hf.parse_args([demo, '--max_steps', '7', '--output_dir', str(tmp_path)])
+    _, _, training_args = training.parse_args([demo, '--max_steps', '7', '--output_dir', str(tmp_path)])
     assert training_args.max_steps == 7 and training_args.learning_rate == 1e-3
     bad = tmp_path / 'bad.json'
     bad.write_text(json.dumps({'max_stepz': 3}))
     with pytest.raises(ValueError, match='max_stepz'):
-        train_hf.parse_args([str(bad)])
+        training.parse_args([str(bad)])
     # the demo's small shape belongs to the demo model only
-    model_args, _, _ = train_hf.parse_args(['--model_name_or_path', 'vit_base_patch16_224', '--pretrained', 'true'])
+    model_args, _, _ = training.parse_args(['--model_name_or_path', 'vit_base_patch16_224', '--pretrained', 'true'])
     assert model_args.timm_kwargs == {}
     with pytest.raises(ValueError, match='persistent_workers'):
         train_hf.main(tiny_args(tmp_path / 'o', '--dataloader_num_workers', '1',
                                 '--dataloader_persistent_workers', 'true', '--max_steps', '1'))
 
 
-def test_last_complete_checkpoint_skips_partial(tmp_path):
-    for step, complete in ((2, True), (4, False)):
+def test_last_complete_checkpoint_is_the_newest_complete_one(tmp_path):
+    # 9 and 10 complete; 12 cut off while saving (no trainer_state.json); 11 with a cut-off state file.
+    # Numeric order matters: as strings, "checkpoint-9" sorts after "checkpoint-12".
+    for step, state in ((9, '{}'), (10, '{}'), (11, '{"cut'), (12, None)):
         d = tmp_path / f'checkpoint-{step}'
         d.mkdir()
         (d / 'model.safetensors').write_bytes(b'x')
-        if complete:
-            (d / 'trainer_state.json').write_text('{}')
-    (tmp_path / 'checkpoint-6').mkdir()
-    (tmp_path / 'checkpoint-6' / 'trainer_state.json').write_text('{"cut')
-    assert train_hf.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-2')
+        if state is not None:
+            (d / 'trainer_state.json').write_text(state)
+    (tmp_path / 'checkpoint-final').mkdir()  # not a step: ignored
+    assert training.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-10')
+    assert training.last_complete_checkpoint(str(tmp_path / 'missing')) is None
 
 
 @pytest.mark.slow
@@ -100,7 +103,8 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
     proc = subprocess.Popen(cmd + tiny_args(killed, *args), env=subprocess_env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed / 'checkpoint-5' / 'trainer_state.json').exists():
+    # trainer_state.json is written last, but not atomically: wait until checkpoint-5 is complete
+    while training.last_complete_checkpoint(str(killed)) is None:
         assert proc.poll() is None, 'the run ended before its first checkpoint'
         assert time.time() < deadline
         time.sleep(0.01)
@@ -121,11 +125,14 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo ranks train and rank 0 writes."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m train_hf` on CPU: two gloo ranks train, rank 0 writes.
+
+    The module form (`-m train_hf`, as from an installed package); the resume test runs `train_hf.py`.
+    """
     out = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29533',
-           str(ROOT / 'train_hf.py'), *tiny_args(out, '--max_steps', '2', '--analysis_batches', '1')]
+           '-m', 'train_hf', *tiny_args(out, '--max_steps', '2', '--analysis_batches', '1')]
     env = subprocess_env() | {'ACCELERATE_USE_CPU': 'true'}
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,59 @@
+"""The files of a run's output directory: their names, and reading the JSON ones.
+
+One place knows the layout that `train_hf.py` writes and the report, the card and publishing read:
+
+    config.json, model.safetensors      the model (timm-native)
+    all_results.json                    classification results (required by the report and the card)
+    run_config.json                     the resolved arguments, versions and hardware
+    data_report.json                    images skipped before training
+    attentions.safetensors              the attention summary (`analysis.summary`)
+    attention_metrics.json              per-layer / per-head attention metrics
+    background.json, importance.json    the optional studies
+    figures/*.png, report.html          the pictures and the report
+    README.md                           the model card
+"""
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+RESULTS_FILE = 'all_results.json'
+RUN_CONFIG_FILE = 'run_config.json'
+DATA_REPORT_FILE = 'data_report.json'
+SUMMARY_FILE = 'attentions.safetensors'
+METRICS_FILE = 'attention_metrics.json'
+BACKGROUND_FILE = 'background.json'
+IMPORTANCE_FILE = 'importance.json'
+FIGURES_DIR = 'figures'
+REPORT_FILE = 'report.html'
+CARD_FILE = 'README.md'
+TRAIN_COMMAND = 'python train_hf.py --output_dir {output_dir} ...'
+
+
+def read_json(path: Union[str, Path]) -> Dict:
+    """A JSON file of a run.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        ValueError: it is not valid JSON (the message says to re-create it).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); re-create it or remove it.') from e
+
+
+def read_optional_json(path: Union[str, Path]) -> Optional[Dict]:
+    """`read_json`, or None when the file does not exist (the step was not run)."""
+    return read_json(path) if Path(path).is_file() else None
+
+
+def read_results(output_dir: Union[str, Path]) -> Dict:
+    """``all_results.json`` of a finished training run."""
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} does not exist: train first ({TRAIN_COMMAND.format(output_dir=output_dir)}) '
+                                'or pass the output directory of a finished training run.')
+    return read_json(path)

@@ -1,0 +1,406 @@
+"""The training job as functions: arguments, data, model, Trainer, evaluation, end-of-run analysis.
+
+`train_hf.py` is its command line; the background study and the base-model cache run it too.
+"""
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import datasets
+import numpy as np
+import timm
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from data_scripts import DataArguments, check_images, load_flower_dataset
+from data_scripts.files import write_json
+from data_scripts.hub import check_hub_access, resolve_token
+from data_scripts.hygiene import unusable_message
+
+from .card import render_model_card
+from .extract import extract_to_dir
+from .hub import push_output_dir
+from .metrics import classification_metrics
+from .modeling import TimmViTForImageClassification, looks_like_local_path
+from .report import write_report
+from .resources import config_file, config_names
+from .transforms import SeededAugmentation, batch_transform, collate, eval_transform, model_data_config, train_transform
+
+logger = logging.getLogger(__name__)
+
+# The embedded demo's ViT: 12 blocks of width 96 on 64 px images in 8 px patches, trained from scratch.
+DEMO_MODEL = 'vit_tiny_patch16_224'
+DEMO_MODEL_ARGS = {'img_size': 64, 'patch_size': 8, 'embed_dim': 96, 'depth': 12, 'num_heads': 3}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune. Defaults are the embedded demo's small ViT."""
+    model_name_or_path: str = field(
+        default=DEMO_MODEL,
+        metadata={'help': 'timm model name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k), a Hub repo id, '
+                          'or the output directory of an earlier run.'})
+    pretrained: bool = field(
+        default=False,
+        metadata={'help': 'Load timm pretrained weights (from the Hub) for a timm model name. '
+                          'The embedded demo trains from scratch.'})
+    model_args: Optional[str] = field(
+        default=None,
+        metadata={'help': 'JSON dict of extra timm.create_model arguments (depth, img_size, patch_size, '
+                          'drop_path_rate, ...). Default: the demo\'s small ViT shape for the default model '
+                          'trained from scratch, none (the model as timm defines it) otherwise.'})
+    min_crop_scale: float = field(
+        default=0.6,
+        metadata={'help': 'Lower bound of the random-resized-crop area in training (timm uses 0.08; small '
+                          'crops cut the petals a from-scratch model must learn, so the demo keeps 0.6).'})
+    analysis_batches: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Attention extraction after training: at most this many test batches (default: all).'})
+
+    def __post_init__(self):
+        if self.model_args is None:
+            demo = self.model_name_or_path == DEMO_MODEL and not self.pretrained
+            self.model_args = json.dumps(DEMO_MODEL_ARGS if demo else {})
+        try:
+            parsed = json.loads(self.model_args) if isinstance(self.model_args, str) else (self.model_args or {})
+        except json.JSONDecodeError as e:
+            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}: {e}') from e
+        if not isinstance(parsed, dict):
+            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}')
+        self.model_args = json.dumps(parsed)
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f'--min_crop_scale must be in (0, 1], got {self.min_crop_scale}')
+        if self.analysis_batches is not None and self.analysis_batches < 1:
+            raise ValueError(f'--analysis_batches must be >= 1 (or left out for all), got {self.analysis_batches}')
+        name = self.model_name_or_path
+        if looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(
+                f'--model_name_or_path {name} is not a folder: give the output directory of an earlier run, '
+                'a Hub repo id (user/name) or a timm model name.')
+        if '/' not in name and not os.path.isdir(name) and not timm.is_model(name):
+            raise ValueError(f'--model_name_or_path {name} is not a timm model name, a folder or a Hub repo id '
+                             '(user/name); see timm.list_models("vit_*").')
+
+    @property
+    def timm_kwargs(self) -> Dict:
+        return json.loads(self.model_args)
+
+
+@dataclass
+class FlowerTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with defaults that run the embedded demo in a few CPU minutes."""
+    output_dir: Optional[str] = field(default='outputs/synthetic_demo', metadata={'help': 'Where to write everything.'})
+    learning_rate: float = field(default=1e-3, metadata={'help': 'Peak AdamW learning rate.'})
+    weight_decay: float = field(default=0.05, metadata={'help': 'AdamW weight decay.'})
+    warmup_steps: float = field(default=0.05, metadata={'help': 'Warmup steps, or a ratio of all steps if < 1.'})
+    lr_scheduler_type: str = field(default='cosine', metadata={'help': 'Learning-rate schedule.'})
+    num_train_epochs: float = field(default=12.0, metadata={'help': 'Training epochs.'})
+    per_device_train_batch_size: int = field(default=64, metadata={'help': 'Batch size per device for training.'})
+    per_device_eval_batch_size: int = field(default=128, metadata={'help': 'Batch size per device for evaluation.'})
+    eval_strategy: str = field(default='epoch', metadata={'help': 'When to evaluate on the validation split.'})
+    save_strategy: str = field(default='epoch', metadata={'help': 'When to save a checkpoint.'})
+    save_total_limit: Optional[int] = field(default=2, metadata={'help': 'Checkpoints to keep.'})
+    logging_steps: float = field(default=10, metadata={'help': 'Log every N steps.'})
+    remove_unused_columns: bool = field(default=False, metadata={'help': 'Keep the image column for transforms.'})
+
+    def __post_init__(self):
+        # Checked before anything is generated or loaded (transformers would only fail, or train
+        # nothing, much later).
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f'--max_steps must be > 0, or -1 to train for --num_train_epochs; got {self.max_steps}')
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(f'--num_train_epochs must be > 0 (or give --max_steps); got {self.num_train_epochs}')
+        if not self.learning_rate > 0:
+            raise ValueError(f'--learning_rate must be > 0, got {self.learning_rate}')
+        for flag in ('per_device_train_batch_size', 'per_device_eval_batch_size'):
+            if getattr(self, flag) < 1:
+                raise ValueError(f'--{flag} must be >= 1, got {getattr(self, flag)}')
+        if self.output_dir and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise NotADirectoryError(f'--output_dir {self.output_dir} is a file; give a folder (new or earlier run).')
+        if self.resume_from_checkpoint is not None and not os.path.isdir(self.resume_from_checkpoint):
+            raise FileNotFoundError(f'--resume_from_checkpoint {self.resume_from_checkpoint} is not a folder; give '
+                                    'a checkpoint-* folder, or leave it out to resume from the last complete one.')
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError('--push_to_hub needs --hub_model_id user/name')
+        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
+            raise ValueError('--dataloader_persistent_workers keeps each worker\'s augmentation at its first epoch; '
+                             'leave it off (workers are restarted every epoch).')
+        super().__post_init__()
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataArguments, FlowerTrainingArguments]:
+    """Flags into the three argument dataclasses; a leading ``.json`` file gives defaults that flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlowerTrainingArguments))
+    if argv and argv[0].endswith('.json'):
+        parser.set_defaults(**read_config(argv.pop(0), {action.dest for action in parser._actions}))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_config(path: str, known: set) -> Dict:
+    """A JSON config file of flags (``{"flag": value}``); unknown keys are an error.
+
+    A path that does not exist here but names one of the packaged configs (``configs/<name>.json``)
+    reads the packaged one, so the README's commands work from any folder after ``pip install``.
+    """
+    if os.path.isfile(path):
+        text = Path(path).read_text()
+    else:
+        packaged = os.path.basename(path)
+        if os.path.dirname(path) not in ('', 'configs') or packaged not in config_names():
+            raise FileNotFoundError(f'config file {path} does not exist (packaged configs: {config_names()})')
+        logger.info(f'{path} is not here; using the packaged configs/{packaged}')
+        text = config_file(packaged).read_text()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'config file {path} is not valid JSON: {e}') from e
+    if not isinstance(config, dict):
+        raise ValueError(f'config file {path} must hold a JSON object of flags, got {type(config).__name__}')
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f'unknown keys in the config file {path}: {unknown}; see python -m train_hf --help')
+    return config
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format='%(asctime)s - %(levelname)s - %(name)s - %(message)s', datefmt='%m/%d/%Y %H:%M:%S',
+        handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:  # the main process says what it does (transformers example habit)
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    for lib_logger in (logger, logging.getLogger('analysis'), logging.getLogger('data_scripts')):
+        lib_logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.warning(
+        f'Process rank: {training_args.process_index}, device: {training_args.device}, '
+        f'n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value}')
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells the seeded augmentation which epoch starts (also the resumed one, mid-epoch)."""
+
+    def __init__(self, augmentation: SeededAugmentation):
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is fractional when resuming mid-epoch and may fall a hair short of an integer
+        self.augmentation.epoch = int(state.epoch + 1e-6) if state.epoch else 0
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-*`` in output_dir that was written to the end.
+
+    Trainer writes trainer_state.json last, so a run killed while saving leaves a checkpoint
+    without it (or with a cut-off one); such a folder is skipped, with a warning, not deleted.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(d.split('-')[-1]) for d in os.listdir(output_dir)
+                    if d.startswith(PREFIX_CHECKPOINT_DIR + '-') and d.split('-')[-1].isdigit()), reverse=True)
+    for step in steps:
+        path = os.path.join(output_dir, f'{PREFIX_CHECKPOINT_DIR}-{step}')
+        try:
+            with open(os.path.join(path, 'trainer_state.json')) as f:
+                json.load(f)
+            if os.path.isfile(os.path.join(path, 'model.safetensors')):
+                return path
+        except (OSError, json.JSONDecodeError):
+            pass
+        logger.warning(f'{path} is incomplete (the run was stopped while saving it); skipping it.')
+    return None
+
+
+def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
+    """What to resume from: --resume_from_checkpoint, else the last complete checkpoint in output_dir."""
+    if training_args.resume_from_checkpoint is not None:
+        return training_args.resume_from_checkpoint
+    checkpoint = last_complete_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info(f'Checkpoint found, resuming training from {checkpoint}. '
+                    'To start over, use another --output_dir or delete this one.')
+    return checkpoint
+
+
+def load_data(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
+    """Loads the dataset and drops unreadable images before anything trains (see data_report.json)."""
+    with training_args.main_process_first(desc='loading the dataset'):
+        dataset = load_flower_dataset(data_args)
+        dataset, report = check_images(dataset)
+    report_path = os.path.join(training_args.output_dir, 'data_report.json')
+    if training_args.should_save:
+        write_json(report_path, report)
+    if data_args.strict_images and report['skipped']:
+        raise ValueError(unusable_message(report, report_path))
+    return dataset
+
+
+def build_model(model_args: ModelArguments, class_names: List[str]) -> TimmViTForImageClassification:
+    """The ViT to train: a timm name with a fresh head for the classes, or an earlier run's model."""
+    name = model_args.model_name_or_path
+    if timm.is_model(name):
+        return TimmViTForImageClassification.from_timm(
+            name, pretrained=model_args.pretrained, label_names=class_names, model_args=model_args.timm_kwargs)
+    model = TimmViTForImageClassification.from_pretrained(name)
+    if model.class_names != class_names:
+        raise ValueError(
+            f'{name} was trained for classes {model.class_names}, the dataset has {class_names}; '
+            'start from a timm model name to get a new head.')
+    return model
+
+
+def attach_transforms(dataset: datasets.DatasetDict, data_config: Dict, min_crop_scale: float,
+                      seed: int) -> SeededAugmentation:
+    """timm's training augmentation on the train split (seeded per sample), its eval transform elsewhere."""
+    augmentation = SeededAugmentation(train_transform(data_config, min_crop_scale), seed)
+    dataset['train'] = dataset['train'].add_column('sample_index', list(range(len(dataset['train']))))
+    dataset['train'].set_transform(batch_transform(augmentation), columns=['image', 'label', 'sample_index'])
+    for split in dataset:
+        if split != 'train':
+            dataset[split].set_transform(batch_transform(eval_transform(data_config)), columns=['image', 'label'])
+    return augmentation
+
+
+def scored_split(dataset: datasets.DatasetDict) -> str:
+    """The split the final numbers come from: test, or validation when test is missing or unlabeled."""
+    if 'test' not in dataset:
+        return 'validation'
+    if min(dataset['test'].with_format(None)['label']) < 0:
+        logger.warning('the test split is unlabeled (label -1); scoring and analysing the validation split instead.')
+        return 'validation'
+    return 'test'
+
+
+def evaluate_test(trainer: Trainer, dataset: datasets.DatasetDict, class_names: List[str]) -> Dict:
+    """Predicts the test split (validation when there is none) and scores it with scikit-learn."""
+    split = scored_split(dataset)
+    output = trainer.predict(dataset[split], metric_key_prefix=split)
+    predictions = np.argmax(output.predictions, axis=-1)
+    metrics = {f'test_{k}': v for k, v in classification_metrics(output.label_ids, predictions, class_names).items()}
+    metrics['test_split'] = split
+    metrics['test_runtime'] = output.metrics.get(f'{split}_runtime')
+    return metrics
+
+
+def save_run_config(model_args, data_args, training_args, train_runtime: float) -> None:
+    """The resolved configuration, next to the weights (nanoGPT habit)."""
+    device = str(training_args.device)
+    if torch.cuda.is_available():
+        device = f'{device}:{torch.cuda.get_device_name()}'
+    config = {
+        'model': asdict(model_args) | {'model_args': model_args.timm_kwargs},
+        'data': asdict(data_args),
+        'training': training_args.to_dict(),
+        'environment': {
+            'device': device, 'num_processes': training_args.world_size, 'platform': platform.platform(),
+            'torch': torch.__version__, 'timm': timm.__version__, 'transformers': transformers.__version__,
+        },
+        'train_runtime_s': train_runtime,
+    }
+    write_json(os.path.join(training_args.output_dir, 'run_config.json'), config)
+
+
+def prepare_push(training_args: TrainingArguments) -> Tuple[Optional[str], Optional[str]]:
+    """With --push_to_hub: the repo id and token, after checking both against the Hub before any long work.
+
+    Trainer's own pushing is switched off; the finished output directory is pushed at the end
+    (analysis.hub: weights, card, figures, report, metrics; never checkpoints). The token is
+    taken out of the arguments, so that Trainer's training_args.bin never holds it.
+    """
+    if not training_args.push_to_hub:
+        return None, None
+    token = resolve_token(training_args.hub_token)
+    check_hub_access(training_args.hub_model_id, token)
+    training_args.push_to_hub = False
+    training_args.hub_token = None
+    return training_args.hub_model_id, token
+
+
+def build_trainer(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
+                  training_args: TrainingArguments) -> Trainer:
+    """Trainer with timm's transforms attached to the splits and scikit-learn metrics per evaluation."""
+    class_names = model.class_names
+    augmentation = attach_transforms(dataset, model_data_config(model.timm_model), model_args.min_crop_scale,
+                                     training_args.seed)
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset['train'],
+        eval_dataset=dataset['validation'],
+        data_collator=collate,
+        compute_metrics=lambda p: classification_metrics(p.label_ids, np.argmax(p.predictions, -1), class_names,
+                                                         scalars_only=True),
+        callbacks=[AugmentationEpoch(augmentation)],
+    )
+
+
+def train(trainer: Trainer, training_args: TrainingArguments) -> float:
+    """Trains (resuming from the last complete checkpoint if there is one), saves weights and state.
+
+    Returns:
+        the training wall time in seconds.
+    """
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.save_model()
+    trainer.log_metrics('train', result.metrics)
+    trainer.save_metrics('train', result.metrics)
+    trainer.save_state()
+    return time.time() - start
+
+
+def evaluate(trainer: Trainer, dataset: datasets.DatasetDict) -> Dict:
+    """Validation metrics, then the test split's full scikit-learn report into all_results.json."""
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics('eval', eval_metrics)
+    trainer.save_metrics('eval', eval_metrics)
+    test_metrics = evaluate_test(trainer, dataset, trainer.model.class_names)
+    trainer.log_metrics('test', {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))})
+    trainer.save_metrics('test', test_metrics)
+    return test_metrics
+
+
+def analyse(model, dataset, model_args, data_args, training_args) -> None:
+    """Attention summary and metrics on the test split, the HTML report and the model card."""
+    split = scored_split(dataset)
+    dataset[split].reset_format()
+    extract_to_dir(model, dataset[split], training_args.output_dir,
+                   batch_size=training_args.per_device_eval_batch_size, max_batches=model_args.analysis_batches,
+                   model_id=model_args.model_name_or_path, dataset_name=data_args.dataset_name, split=split)
+    write_report(training_args.output_dir)
+    render_model_card(training_args.output_dir, repo_id=training_args.hub_model_id)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: FlowerTrainingArguments) -> Dict:
+    """The whole job, in order: Hub pre-check, data, model, Trainer, train, evaluate, analyse, card, push.
+
+    Returns:
+        the test metrics (as in all_results.json).
+    """
+    setup_logging(training_args)
+    repo_id, token = prepare_push(training_args)
+
+    dataset = load_data(data_args, training_args)
+    set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
+    model = build_model(model_args, dataset['train'].features['label'].names)
+    trainer = build_trainer(model, dataset, model_args, training_args)
+    train_runtime = train(trainer, training_args)
+    test_metrics = evaluate(trainer, dataset)
+
+    if trainer.is_world_process_zero():
+        save_run_config(model_args, data_args, training_args, train_runtime)
+        analyse(model, dataset, model_args, data_args, training_args)
+        if repo_id:
+            push_output_dir(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),
+                            token=token)
+    return test_metrics
