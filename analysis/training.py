@@ -327,12 +327,17 @@ def prepare_push(training_args: TrainingArguments) -> Tuple[Optional[str], Optio
 
 
 def build_trainer(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
-                  training_args: TrainingArguments) -> Trainer:
-    """Trainer with timm's transforms attached to the splits and scikit-learn metrics per evaluation."""
+                  training_args: TrainingArguments, trainer_class: type = Trainer, **trainer_kwargs) -> Trainer:
+    """Trainer with timm's transforms attached to the splits and scikit-learn metrics per evaluation.
+
+    Args:
+        trainer_class: `Trainer` or a subclass (e.g. one with a distillation loss), given ``trainer_kwargs``.
+    """
     class_names = model.class_names
     augmentation = attach_transforms(dataset, model_data_config(model.timm_model), model_args.min_crop_scale,
                                      training_args.seed)
-    return Trainer(
+    return trainer_class(
+        **trainer_kwargs,
         model=model,
         args=training_args,
         train_dataset=dataset['train'],
