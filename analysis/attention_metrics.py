@@ -30,6 +30,7 @@ NO_MASKS = 'the dataset has no flower masks'
 NO_FULL_ATTENTION = 'no full attention maps were given (only CLS rows), so patch-to-patch distances are unknown'
 NO_ROLLOUT = 'no rollout_cls was given'
 MASK_METRICS = ('fg_ratio', 'fg_lift', 'pointing_game')
+ROLLOUT_SUMS = ('entropy', 'fg_ratio', 'pointing_game')  # AttentionMetricsAccumulator.rollout_sum
 
 
 def _per_image(fg_fraction: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
@@ -192,29 +193,36 @@ class AttentionMetricsAccumulator:
         self.num_heads = num_heads
         self.class_names = list(class_names)
         self.pointing_threshold = pointing_threshold
-        L, H, C = num_layers, num_heads, len(self.class_names)
-        f64 = dict(dtype=torch.float64)
         self.num_images = 0
         # Set by the first update; later batches must agree.
         self.has_masks: Optional[bool] = None
         self.has_full_attention: Optional[bool] = None
         self.has_rollout: Optional[bool] = None
-        # Running sums over images. Per-layer tensors are [L, H + 1]: the heads, then the head-averaged map.
-        self.entropy_sum = torch.zeros(L, H + 1, **f64)
-        self.distance_sum = torch.zeros(L, H + 1, **f64)
-        self.fg_ratio_sum = torch.zeros(L, H + 1, **f64)
-        self.pointing_sum = torch.zeros(L, H + 1, **f64)
-        self.area_sum = torch.zeros((), **f64)
-        self.rollout_sums = {'fg_ratio': 0.0, 'pointing_game': 0.0, 'entropy': 0.0}
-        self.class_count = torch.zeros(C, **f64)
-        self.class_area_sum = torch.zeros(C, **f64)
-        self.class_fg_ratio_sum = torch.zeros(C, L, **f64)  # head-averaged map
-        self.class_pointing_sum = torch.zeros(C, L, **f64)
+        # Running sums over images (see _zero_sums), float64.
+        for name, value in self._zero_sums().items():
+            setattr(self, name, value)
 
-    def _agree(self, name: str, given: bool) -> None:
+    def _zero_sums(self) -> Dict[str, torch.Tensor]:
+        """The running sums, zero. Per-layer tensors are [L, H + 1]: the heads, then the head-averaged map."""
+        L, H, C = self.num_layers, self.num_heads, len(self.class_names)
+        f64 = dict(dtype=torch.float64)
+        return {
+            'entropy_sum': torch.zeros(L, H + 1, **f64),
+            'distance_sum': torch.zeros(L, H + 1, **f64),
+            'fg_ratio_sum': torch.zeros(L, H + 1, **f64),
+            'pointing_sum': torch.zeros(L, H + 1, **f64),
+            'area_sum': torch.zeros((), **f64),
+            'rollout_sum': torch.zeros(len(ROLLOUT_SUMS), **f64),  # ROLLOUT_SUMS order
+            'class_count': torch.zeros(C, **f64),
+            'class_area_sum': torch.zeros(C, **f64),
+            'class_fg_ratio_sum': torch.zeros(C, L, **f64),  # head-averaged map
+            'class_pointing_sum': torch.zeros(C, L, **f64),
+        }
+
+    def _agree(self, name: str, given: Optional[bool]) -> None:
         seen = getattr(self, name)
-        if seen is None:
-            setattr(self, name, given)
+        if seen is None or given is None:
+            setattr(self, name, given if seen is None else seen)
         elif seen != given:
             what = name.removeprefix('has_')
             raise ValueError(
@@ -254,7 +262,7 @@ class AttentionMetricsAccumulator:
             fg_fraction: Optional[torch.Tensor] = None,
             rollout_cls: Optional[torch.Tensor] = None,
     ) -> None:
-        """Adds one batch.
+        """Adds one batch: ``merge(batch_sums(...))``.
 
         Args:
             attentions: ``L`` maps ``[B, H, N, N]`` (for the mean attention distance), or None
@@ -266,19 +274,37 @@ class AttentionMetricsAccumulator:
                 the dataset has no masks.
             rollout_cls: ``[B, P]`` CLS row of the attention rollout, or None.
         """
+        self.merge(self.batch_sums(attentions, cls_attention, labels, fg_fraction, rollout_cls))
+
+    @torch.no_grad()
+    def batch_sums(
+            self,
+            attentions: Optional[Sequence[torch.Tensor]],
+            cls_attention: torch.Tensor,
+            labels: torch.Tensor,
+            fg_fraction: Optional[torch.Tensor] = None,
+            rollout_cls: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """One batch's contribution to the running sums (arguments as `update`); nothing is added yet.
+
+        Returns:
+            ``{sum name: float64 tensor}`` plus ``num_images`` and ``flags`` (int8 ``[3]``: has_masks,
+            has_full_attention, has_rollout), on the CPU. `merge` adds it. Adding the batches' sums in
+            the same order gives bit-identical metrics however the batches were spread over processes.
+        """
         B = self._check_shapes(attentions, cls_attention, labels, fg_fraction, rollout_cls)
-        self._agree('has_masks', fg_fraction is not None)
-        self._agree('has_full_attention', attentions is not None)
-        self._agree('has_rollout', rollout_cls is not None)
+        sums = self._zero_sums()
+        sums['num_images'] = torch.tensor(B, dtype=torch.int64)
+        sums['flags'] = torch.tensor([fg_fraction is not None, attentions is not None, rollout_cls is not None],
+                                     dtype=torch.int8)
         if B == 0:
-            return
-        self.num_images += B
+            return sums
         labels = labels.long().cpu()
 
         cls_attention = cls_attention.float()  # [B, L, H, P]
         # Heads then the head-averaged map, the one heatmaps show.
         maps = torch.cat([cls_attention, cls_attention.mean(dim=2, keepdim=True)], dim=2)  # [B, L, H+1, P]
-        self.entropy_sum += attention_entropy(maps).sum(dim=0).double().cpu()
+        sums['entropy_sum'] += attention_entropy(maps).sum(dim=0).double().cpu()
 
         if attentions is not None:
             for layer, attn in enumerate(attentions):
@@ -287,28 +313,46 @@ class AttentionMetricsAccumulator:
                 numerator = torch.cat([numerator, numerator.mean(dim=1, keepdim=True)], dim=1)  # [B, H+1, P]
                 denominator = torch.cat([denominator, denominator.mean(dim=1, keepdim=True)], dim=1)
                 distance = (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)  # [B, H+1]
-                self.distance_sum[layer] += distance.sum(dim=0).double().cpu()
+                sums['distance_sum'][layer] += distance.sum(dim=0).double().cpu()
 
         if fg_fraction is not None:
             fg_fraction = fg_fraction.float()
             ratio = fg_ratio(maps, fg_fraction).double().cpu()  # [B, L, H+1]
             hit = pointing_game(maps, fg_fraction, self.pointing_threshold).double().cpu()  # [B, L, H+1]
             area = flower_area(fg_fraction).double().cpu()  # [B]
-            self.fg_ratio_sum += ratio.sum(dim=0)
-            self.pointing_sum += hit.sum(dim=0)
-            self.area_sum += area.sum()
-            self.class_area_sum.index_add_(0, labels, area)
-            self.class_fg_ratio_sum.index_add_(0, labels, ratio[:, :, -1])
-            self.class_pointing_sum.index_add_(0, labels, hit[:, :, -1])
-        self.class_count.index_add_(0, labels, torch.ones(B, dtype=torch.float64))
+            sums['fg_ratio_sum'] += ratio.sum(dim=0)
+            sums['pointing_sum'] += hit.sum(dim=0)
+            sums['area_sum'] += area.sum()
+            sums['class_area_sum'].index_add_(0, labels, area)
+            sums['class_fg_ratio_sum'].index_add_(0, labels, ratio[:, :, -1])
+            sums['class_pointing_sum'].index_add_(0, labels, hit[:, :, -1])
+        sums['class_count'].index_add_(0, labels, torch.ones(B, dtype=torch.float64))
 
         if rollout_cls is not None:
             rollout_cls = rollout_cls.float()
-            self.rollout_sums['entropy'] += attention_entropy(rollout_cls).sum().item()
+            rollout = sums['rollout_sum']
+            rollout[ROLLOUT_SUMS.index('entropy')] += attention_entropy(rollout_cls).sum().double().cpu()
             if fg_fraction is not None:
-                self.rollout_sums['fg_ratio'] += fg_ratio(rollout_cls, fg_fraction).sum().item()
-                self.rollout_sums['pointing_game'] += \
-                    pointing_game(rollout_cls, fg_fraction, self.pointing_threshold).sum().item()
+                rollout[ROLLOUT_SUMS.index('fg_ratio')] += fg_ratio(rollout_cls, fg_fraction).sum().double().cpu()
+                rollout[ROLLOUT_SUMS.index('pointing_game')] += \
+                    pointing_game(rollout_cls, fg_fraction, self.pointing_threshold).sum().double().cpu()
+        return sums
+
+    def merge(self, sums: Dict[str, torch.Tensor]) -> None:
+        """Adds a `batch_sums` result (or another accumulator's `state`) to the running sums."""
+        given = [None if int(f) < 0 else bool(f) for f in sums['flags'].tolist()]
+        for name, flag in zip(('has_masks', 'has_full_attention', 'has_rollout'), given):
+            self._agree(name, flag)
+        self.num_images += int(sums['num_images'])
+        for name in self._zero_sums():
+            getattr(self, name).add_(sums[name])
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The running sums as tensors, in the form `batch_sums` returns (for `merge` elsewhere)."""
+        flags = [-1 if f is None else int(f) for f in (self.has_masks, self.has_full_attention, self.has_rollout)]
+        return {'num_images': torch.tensor(self.num_images, dtype=torch.int64),
+                'flags': torch.tensor(flags, dtype=torch.int8),
+                **{name: getattr(self, name).clone() for name in self._zero_sums()}}
 
     @staticmethod
     def _lift(ratio_mean: float, area_mean: float, what: str) -> Optional[float]:
@@ -365,11 +409,12 @@ class AttentionMetricsAccumulator:
         out['layers'] = layers
 
         if self.has_rollout:
-            rollout['entropy'] = self.rollout_sums['entropy'] / n
+            rollout_sums = dict(zip(ROLLOUT_SUMS, self.rollout_sum.tolist()))
+            rollout['entropy'] = rollout_sums['entropy'] / n
             if self.has_masks:
-                rollout['fg_ratio'] = self.rollout_sums['fg_ratio'] / n
+                rollout['fg_ratio'] = rollout_sums['fg_ratio'] / n
                 rollout['fg_lift'] = self._lift(rollout['fg_ratio'], out['flower_area'], 'the rollout')
-                rollout['pointing_game'] = self.rollout_sums['pointing_game'] / n
+                rollout['pointing_game'] = rollout_sums['pointing_game'] / n
             out['rollout'] = rollout
         else:
             omitted['rollout'] = NO_ROLLOUT
@@ -423,8 +468,23 @@ def class_mean_cls_maps(cls_attention: torch.Tensor, labels: torch.Tensor,
     Returns:
         ``(maps [C, L, P], counts [C])``; classes without images have all-zero maps and count 0.
     """
-    maps = cls_attention.float().mean(dim=2)  # [M, L, P]
+    sums, counts = class_cls_map_sums(cls_attention, labels, num_classes)
+    return (sums / counts.clamp(min=1)[:, None, None]).float(), counts
+
+
+def class_cls_map_sums(cls_attention: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sums of the head-averaged CLS maps over the images of each class (add them up chunk by chunk).
+
+    Args:
+        cls_attention: ``[M, L, H, P]`` CLS-to-patch attention.
+        labels: ``[M]`` class indices.
+        num_classes: ``C``.
+
+    Returns:
+        ``(sums [C, L, P] float64, counts [C] int64)``.
+    """
+    maps = cls_attention.float().mean(dim=2).double()  # [M, L, P]
     labels = labels.long()
-    sums = torch.zeros(num_classes, *maps.shape[1:]).index_add_(0, labels, maps)  # [C, L, P]
-    counts = torch.bincount(labels, minlength=num_classes)  # [C]
-    return sums / counts.clamp(min=1)[:, None, None], counts
+    sums = torch.zeros(num_classes, *maps.shape[1:], dtype=torch.float64).index_add_(0, labels, maps)  # [C, L, P]
+    return sums, torch.bincount(labels, minlength=num_classes)  # [C]

@@ -20,7 +20,7 @@ Every variant keeps the mask of the flower it shows (for ``no_fg`` / ``only_bg_t
 flower was), so the attention metrics (fg_lift) measure attention on the flower's place.
 """
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from data_scripts.synthetic_flowers import MIXED_VARIANTS, VARIANTS, render_variant
 
-from .extract import extract_summary
+from .extract import extract_metrics
 from .metrics import classification_metrics
 from .transforms import model_data_config
 
@@ -205,6 +205,76 @@ def _check_has_masks(dataset: datasets.Dataset) -> None:
             'trimaps; this dataset has only ' + ', '.join(dataset.column_names) + '.')
 
 
+class VariantRenderer:
+    """One background variant of the rows of a split, rendered batch by batch (the extraction's ``prepare`` step).
+
+    ``renderer(batch, positions)`` turns raw rows (``image``, ``label``, ``mask``; ``positions`` index
+    ``subset``) into the variant's ``image``, ``label`` and ``mask`` (the flower mask of the flower
+    shown, or of where it was for ``no_fg`` / ``only_bg_t``). Memory holds one batch of variants.
+
+    Args:
+        subset: the rows to use (position ``j`` is row ``rows[j]`` of the split); donors are drawn among them.
+        variant: one of `VARIANTS`.
+        rows: the split's row index of every position (synthetic rendering needs it).
+        seed: seed of the donor choice of the mixed variants.
+        synthetic_config: `SyntheticFlowersConfig` the split was generated with; then every variant is
+            rendered exactly (row ``i`` of the split is example ``i``) instead of composited.
+        split: the split's name (``train`` / ``validation`` / ``test``); required with synthetic_config.
+    """
+
+    def __init__(self, subset: datasets.Dataset, variant: str, rows: np.ndarray, seed: int = 0,
+                 synthetic_config=None, split: Optional[str] = None):
+        check_variant(variant)
+        _check_has_masks(subset)
+        if len(rows) == 0:
+            raise ValueError('no images to build the background variants from.')
+        self.subset, self.variant, self.rows = subset.with_format(None), variant, np.asarray(rows, dtype=np.int64)
+        self.synthetic_config, self.split = synthetic_config, split
+        labels = np.asarray(self.subset['label'])
+        self.partners = choose_partners(labels, variant, seed) if variant in MIXED_VARIANTS else None  # positions
+        if synthetic_config is not None:
+            if split is None:
+                raise ValueError('give the split name (train / validation / test) with synthetic_config.')
+            _check_synthetic_matches(self.subset[0], synthetic_config, split, int(self.rows[0]), render_variant)
+            expected = self.rows % synthetic_config.num_classes
+            wrong = np.flatnonzero(labels != expected)
+            if len(wrong):
+                row = int(self.rows[wrong[0]])
+                raise ValueError(f'row {row} of the {split} split has label {labels[wrong[0]]}, the synthetic '
+                                 f'generator gives {expected[wrong[0]]}: the split is not the unshuffled synthetic '
+                                 'split the config describes; pass the split as load_flower_dataset returns it.')
+
+    def __call__(self, batch: Dict[str, list], positions: Sequence[int]) -> Dict[str, list]:
+        images: List[Image.Image] = []
+        masks: List[Image.Image] = []
+        for k, j in enumerate(positions):
+            partner = int(self.partners[j]) if self.partners is not None else None
+            if self.synthetic_config is not None:
+                row = int(self.rows[partner]) if partner is not None else None
+                image, mask = render_variant(self.synthetic_config, self.split, int(self.rows[j]), self.variant,
+                                             partner_index=row)
+            else:
+                mask = batch['mask'][k].convert('L')
+                partner_image = partner_mask = None
+                if partner is not None:
+                    donor = self.subset[partner]
+                    partner_image = np.asarray(donor['image'].convert('RGB'), dtype=np.uint8)
+                    partner_mask = np.asarray(donor['mask'].convert('L'))
+                image = Image.fromarray(make_variant(np.asarray(batch['image'][k].convert('RGB'), dtype=np.uint8),
+                                                     np.asarray(mask), self.variant, partner_image, partner_mask))
+            images.append(image)
+            masks.append(mask)
+        return {'image': images, 'label': list(batch['label']), 'mask': masks}
+
+
+def _rows_of(dataset: datasets.Dataset, indices: Optional[Sequence[int]]) -> Tuple[datasets.Dataset, np.ndarray]:
+    """The subset of ``dataset`` at ``indices`` (all rows by default) and those row indices."""
+    if indices is None:
+        return dataset, np.arange(len(dataset))
+    rows = np.asarray(indices, dtype=np.int64)
+    return dataset.select(rows.tolist()), rows
+
+
 def variant_dataset(
         dataset: datasets.Dataset,
         variant: str,
@@ -213,63 +283,21 @@ def variant_dataset(
         split: Optional[str] = None,
         indices: Optional[Sequence[int]] = None,
 ) -> datasets.Dataset:
-    """A split turned into one background variant, with the same features.
+    """A split turned into one background variant, with the same features, built in memory (small splits).
 
-    Args:
-        dataset: split with ``image``, ``label`` and ``mask`` columns.
-        variant: one of `VARIANTS`.
-        seed: seed of the donor choice of the mixed variants.
-        synthetic_config: `SyntheticFlowersConfig` the split was generated with; then every variant
-            is rendered exactly (row ``i`` of the split is example ``i``) instead of composited.
-        split: the split's name (``train`` / ``validation`` / ``test``); required with synthetic_config.
-        indices: rows of ``dataset`` to use (default: all); donors are drawn among these rows.
+    `background_study` renders the variants batch by batch instead (`VariantRenderer`); arguments as there.
 
     Returns:
-        ``datasets.Dataset`` with ``image`` (the variant), ``label`` and ``mask`` (the flower mask of
-        the flower shown, or of where it was for ``no_fg`` / ``only_bg_t``).
+        ``datasets.Dataset`` with ``image`` (the variant), ``label`` and ``mask`` (the flower mask of the
+        flower shown, or of where it was for ``no_fg`` / ``only_bg_t``).
     """
     check_variant(variant)
     _check_has_masks(dataset)
-    rows = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    if len(rows) == 0:
-        raise ValueError('no images to build the background variants from.')
-    subset = dataset.select(rows.tolist())
-    labels = np.asarray(subset['label'])
-    partners = choose_partners(labels, variant, seed) if variant in MIXED_VARIANTS else None  # positions in rows
-
-    images: List[Image.Image] = []
-    masks: List[Image.Image] = []
-    if synthetic_config is not None:
-        if split is None:
-            raise ValueError('give the split name (train / validation / test) with synthetic_config.')
-        _check_synthetic_matches(subset[0], synthetic_config, split, int(rows[0]), render_variant)
-        for j, row in enumerate(rows):
-            expected = int(row) % synthetic_config.num_classes
-            if labels[j] != expected:
-                raise ValueError(f'row {int(row)} of the {split} split has label {labels[j]}, the synthetic '
-                                 f'generator gives {expected}: the split is not the unshuffled synthetic split '
-                                 'the config describes; pass the split as load_flower_dataset returns it.')
-            partner = int(rows[partners[j]]) if partners is not None else None
-            image, mask = render_variant(synthetic_config, split, int(row), variant, partner_index=partner)
-            images.append(image)
-            masks.append(mask)
-    else:
-        for j in range(len(rows)):
-            example = subset[j]
-            image = np.asarray(example['image'].convert('RGB'), dtype=np.uint8)
-            mask_image = example['mask'].convert('L')
-            mask = np.asarray(mask_image)
-            partner_image = partner_mask = None
-            if partners is not None:
-                donor = subset[int(partners[j])]
-                partner_image = np.asarray(donor['image'].convert('RGB'), dtype=np.uint8)
-                partner_mask = np.asarray(donor['mask'].convert('L'))
-            images.append(Image.fromarray(make_variant(image, mask, variant, partner_image, partner_mask)))
-            masks.append(mask_image)
-
+    subset, rows = _rows_of(dataset, indices)
+    renderer = VariantRenderer(subset, variant, rows, seed, synthetic_config, split)
+    batch = renderer(renderer.subset[:], range(len(rows)))
     features = datasets.Features({k: dataset.features[k] for k in ('image', 'label', 'mask')})
-    return datasets.Dataset.from_dict(
-        {'image': images, 'label': labels.tolist(), 'mask': masks}, features=features)
+    return datasets.Dataset.from_dict(batch, features=features)
 
 
 def _check_synthetic_matches(example: Dict, config, split: str, index: int, render_variant) -> None:
@@ -329,12 +357,13 @@ def background_study(
     data_config = model_data_config(model.timm_model)
     class_names = model.class_names
     result: Dict = {'variants': {}}
+    subset, rows = _rows_of(dataset_split.with_format(None), None if len(rows) == len(dataset_split) else rows)
     for variant in variants:
-        ds = variant_dataset(dataset_split, variant, seed, synthetic_config=synthetic_config, split=split,
-                             indices=rows)
-        tensors, _, metrics = extract_summary(model, ds, data_config=data_config, batch_size=batch_size,
-                                              num_examples=0, progress=False, split=split, model_id=model_id)
-        scores = classification_metrics(tensors['labels'].numpy(), tensors['predictions'].numpy(), class_names)
+        renderer = VariantRenderer(subset, variant, rows, seed, synthetic_config=synthetic_config, split=split)
+        extraction = extract_metrics(model, subset, prepare=renderer, data_config=data_config, batch_size=batch_size,
+                                     progress=False, split=split, model_id=model_id)
+        metrics = extraction.metrics
+        scores = classification_metrics(extraction.labels.numpy(), extraction.predictions.numpy(), class_names)
         entry = {'accuracy': scores['accuracy'], 'macro_f1': scores['macro_f1'],
                  'f1_per_class': scores['f1_per_class']}
         fg_lift = metrics.get('layers', {}).get('fg_lift', {}).get('mean')

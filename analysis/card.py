@@ -16,16 +16,20 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from data_scripts.files import write_text
 
-from .findings import VARIANT_DESCRIPTIONS, attention_sentences, background_limitation, background_sentences, fmt
+from .findings import (VARIANT_DESCRIPTIONS, attention_sentences, background_limitation, background_sentences,
+                       change_sentences, change_table, compression_search_table, compression_sentences,
+                       compression_table, compression_tradeoff, confused_pairs_sentence, confused_pairs_table,
+                       faithfulness_sentences, faithfulness_table, fmt, per_class_order, per_class_order_note)
 from .resources import template_text
-from .run_files import (BACKGROUND_FILE, CARD_FILE, CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, RESULTS_FILE,
-                        RUN_CONFIG_FILE, read_json, read_optional_json)
+from .run_files import (BACKGROUND_FILE, CARD_FILE, CHANGE_FILE, COMPRESS_FILE, CONFIG_FILE, DATA_REPORT_FILE,
+                        FAITHFULNESS_FILE, METRICS_FILE, RESULTS_FILE, RUN_CONFIG_FILE, read_json, read_optional_json)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,13 @@ ATTENTION_FIGURES = [
     ('class_maps.png', 'Mean CLS attention per class'),
     ('importance.png', 'Layer and head importance'),
 ]
+CHANGE_FIGURES = [
+    ('attention_change.png', 'Attention metrics over depth before and after training'),
+    ('layer_grid_change.png', 'CLS attention of every layer before and after training, on example images'),
+]
 BACKGROUND_FIGURES = [('background.png', 'Accuracy on background-study variants')]
+COMPRESSION_FIGURES = [('compression.png', 'Accuracy against CPU speed-up of every depth tried, and F1 per class')]
+FAITHFULNESS_FIGURES = [('faithfulness.png', 'Deletion and insertion curves of every attention map, and their AUCs')]
 
 
 def md_escape(text: Any) -> str:
@@ -78,6 +88,13 @@ def _figure_links(output_dir: Path, figures: Sequence[Tuple[str, str]]) -> List[
             if (output_dir / 'figures' / name).is_file()]
 
 
+def _class_map_figures(output_dir: Path) -> List[Tuple[str, str]]:
+    """The ``figures/class_maps_{k}.png`` pages after ``class_maps.png`` (many classes), in page order."""
+    pages = [(int(m.group(1)), p.name) for p in (output_dir / 'figures').glob('class_maps_*.png')
+             if (m := re.fullmatch(r'class_maps_(\d+)\.png', p.name))]
+    return [(name, f'Mean CLS attention per class, page {k}') for k, name in sorted(pages)]
+
+
 def _head_map_figures(output_dir: Path) -> List[Tuple[str, str]]:
     """The ``figures/head_maps_layer{l}.png`` files, in layer order."""
     found = []
@@ -102,7 +119,7 @@ def hub_dataset_id(data_config: Dict[str, Any]) -> Optional[str]:
         The dataset id, or None.
     """
     name = data_config.get('dataset_name')
-    if not name or data_config.get('train_dir') or name in ('synthetic', 'oxford102'):
+    if not name or data_config.get('train_dir') or name in ('synthetic', 'synthetic_shapes', 'oxford102'):
         return None
     if name.startswith(('.', '/', '~')) or os.path.exists(name):
         return None
@@ -125,6 +142,10 @@ def _dataset_names(data_config: Dict[str, Any]) -> Tuple[str, str, str]:
         if data_config.get('synthetic_background'):
             description += f', background mode "{md_escape(data_config["synthetic_background"])}"'
         return 'synthetic-flowers', 'Synthetic flowers (procedural)', description
+    if name == 'synthetic_shapes':
+        return ('synthetic-shapes', 'Synthetic shapes (procedural)',
+                'procedurally generated shapes and textures with exact object masks, no flowers (the pretraining '
+                'set of the demo\'s base model)')
     if name == 'oxford102':
         return ('oxford-flowers-102', 'Oxford Flowers-102',
                 'Oxford Flowers-102, Nilsback & Zisserman 2008, official splits')
@@ -139,6 +160,9 @@ def _data_limitation(data_config: Dict[str, Any], dataset_description: str) -> s
     if not data_config.get('train_dir') and name == 'synthetic':
         return ('It was trained on procedurally generated synthetic flowers: it is a demonstration '
                 'model and is not expected to recognise photographs of real flowers.')
+    if not data_config.get('train_dir') and name == 'synthetic_shapes':
+        return ('It was trained on procedurally generated shapes and textures, as a backbone to fine-tune on the '
+                'synthetic flowers; it recognises no real-world object.')
     if not data_config.get('train_dir') and name == 'oxford102':
         return ('Oxford Flowers-102 has 40 to 258 images per class, mostly photographed in the UK; '
                 'flowers from other regions, drawings and unusual viewpoints may be misclassified.')
@@ -150,6 +174,9 @@ def _intended_use(data_config: Dict[str, Any], num_classes: int) -> str:
     if not data_config.get('train_dir') and data_config.get('dataset_name') == 'synthetic':
         return (f'Demonstrating and testing the training and attention-analysis pipeline on the '
                 f'{num_classes} synthetic flower classes listed above; not for real photographs.')
+    if not data_config.get('train_dir') and data_config.get('dataset_name') == 'synthetic_shapes':
+        return ('A pretrained backbone for the demo: fine-tune it on the synthetic flowers '
+                '(`--model_name_or_path base:shapes`); its own classes are the shapes listed above.')
     return f'Classifying close-up photographs of the {num_classes} flower classes listed above.'
 
 
@@ -161,8 +188,16 @@ def _per_class_table(all_results: Dict[str, Any]) -> Tuple[str, str]:
     f1 = all_results.get('test_f1_per_class', {})
     support = all_results.get('test_support_per_class', {})
     rows = [[md_escape(name), fmt(precision.get(name)), fmt(recall.get(name)), fmt(f1.get(name)),
-             fmt(support.get(name), 'int')] for name in names]
+             fmt(support.get(name), 'int')] for name in per_class_order(all_results)]
     table = _table(['Class', 'Precision', 'Recall', 'F1', 'Support'], rows)
+    note = per_class_order_note(all_results)
+    if note:
+        table = f'{note}\n\n{table}'
+    confused = confused_pairs_table(all_results)
+    if confused:
+        header, pairs = confused
+        table += ('\n\n### Most confused class pairs\n\n' + confused_pairs_sentence(all_results) + '\n\n'
+                  + _table([h.capitalize() for h in header], [[md_escape(c) for c in row] for row in pairs]))
     scored = [(float(f1[name]), name) for name in names if f1.get(name) is not None]
     sentence = ''
     if scored:
@@ -245,6 +280,24 @@ def _background_section(background: Optional[Dict[str, Any]], num_classes: int,
     return '\n\n'.join(parts), limitation
 
 
+def _faithfulness_section(faithfulness: Optional[Dict[str, Any]], metrics: Optional[Dict[str, Any]],
+                          figures: List[str]) -> str:
+    """Which attention map explains the decision: the deletion / insertion table and its sentences."""
+    if faithfulness is None:
+        return ('The faithfulness of the attention maps was not measured (no `faithfulness.json`; run '
+                '`python -m analysis faithfulness` to add it).')
+    header, rows = faithfulness_table(faithfulness)
+    parts = [f'Each map ranks the patches of an image. **Deletion**: the most relevant patches are removed first '
+             f'(they show the {md_escape(faithfulness.get("baseline", "?"))} baseline) and the probability of the '
+             'predicted class is recorded; lower AUC = more faithful. **Insertion**: they are shown first on a fully '
+             'removed image; higher AUC = more faithful (Petsiuk et al. 2018; Chefer et al. 2021). Mean ± standard '
+             f'error over {int(faithfulness["num_images"])} {md_escape(faithfulness.get("split", ""))} images, '
+             f'{int(faithfulness["steps"])} steps.',
+             '\n'.join(f'- {md_escape(sentence)}' for sentence in faithfulness_sentences(faithfulness, metrics)),
+             _table([md_escape(h) for h in header], [[md_escape(cell) for cell in row] for row in rows])]
+    return '\n\n'.join(parts + figures)
+
+
 def _image_size(output_dir: Path) -> str:
     config = read_optional_json(output_dir / CONFIG_FILE)
     input_size = ((config or {}).get('pretrained_cfg') or {}).get('input_size')
@@ -253,15 +306,68 @@ def _image_size(output_dir: Path) -> str:
     return f'{input_size[-2]} × {input_size[-1]} pixels'
 
 
+def start_description(run_config: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """How training started, in words, and the Hub id of the ``base_model`` (None when it is not on the Hub).
+
+    Reads ``run_config.json``'s ``start`` (written by the training job) and ``model`` sections.
+    """
+    model = run_config.get('model') or {}
+    start = run_config.get('start') or {}
+    name = str(model.get('model_name_or_path', 'not recorded'))
+    compressed = start.get('compressed_from')  # written by python -m analysis compress
+    if compressed:
+        hub_id = compressed.get('hub_id')
+        source = (f'[{md_escape(hub_id)}](https://huggingface.co/{hub_id})' if hub_id else
+                  f'the model in {md_escape(Path(str(compressed["path"])).name)} (not on the Hub; weights sha256 '
+                  f'{md_escape(str(start.get("weights_sha256", ""))[:12])})')
+        return (f'compressed from {source} ({len(compressed["kept_blocks"])} of its {compressed["num_blocks"]} '
+                'blocks kept) and distilled from it'), hub_id
+    if not model.get('pretrained', start.get('pretrained')):
+        return f'trained from scratch (random initialisation, the architecture of {md_escape(name)})', None
+    if start.get('timm_model') or timm.is_model(name):
+        return f'fine-tuned from timm\'s pretrained {md_escape(name)}', f'timm/{name}'
+    if name.startswith('base:'):
+        return (f'fine-tuned from the base model `{md_escape(name)}` (pretrained by this project on its synthetic '
+                'pretraining data, which has no flowers)', None)
+    if '/' in name and hub_dataset_id({'dataset_name': name}):  # a Hub repo id, same rules as for datasets
+        return f'fine-tuned from [{md_escape(name)}](https://huggingface.co/{name})', name
+    return f'fine-tuned from the checkpoint {md_escape(name)}', None
+
+
+def _compression_section(compress: Optional[Dict[str, Any]], figures: List[str]) -> Tuple[str, str]:
+    """The compression section and the trade-off limitation of a compressed model; empty for any other."""
+    if compress is None or compress.get('outcome') != 'compressed':
+        return '', ''
+    header, rows = compression_table(compress)
+    search_header, search_rows = compression_search_table(compress)
+    parts = ['\n'.join(f'- {md_escape(sentence)}' for sentence in compression_sentences(compress)),
+             _table([md_escape(h) for h in header], [[md_escape(c) for c in row] for row in rows]),
+             'Depths the search tried (validation accuracy; the test split was used only for the final numbers):',
+             _table([md_escape(h) for h in search_header], [[md_escape(c) for c in row] for row in search_rows])]
+    return '\n\n'.join(parts + figures), md_escape(compression_tradeoff(compress))
+
+
+def _change_section(change: Optional[Dict[str, Any]], figures: List[str]) -> str:
+    if change is None:
+        return 'The attention of the starting weights was not recorded, so what training changed is not reported.'
+    header, rows = change_table(change)
+    parts = [f'The same {int(change["num_images"])} images through the weights training started from and through '
+             'the trained model. JS divergence: how far each image\'s head-mean CLS map moved (Jensen-Shannon, '
+             'bits, 0 = unchanged, 1 = disjoint); fg_ratio change: per image, after minus before (negative = moved '
+             'off the flower).',
+             '\n'.join(f'- {md_escape(sentence)}' for sentence in change_sentences(change)),
+             _table([md_escape(h) for h in header], rows)]
+    return '\n\n'.join(parts + figures)
+
+
 def _training_table(output_dir: Path, all_results: Dict[str, Any], run_config: Dict[str, Any],
                     dataset_description: str) -> str:
     model = run_config.get('model') or {}
     training = run_config.get('training') or {}
     environment = run_config.get('environment') or {}
     data_report = read_optional_json(output_dir / DATA_REPORT_FILE)
-    name = md_escape(model.get('model_name_or_path', 'not recorded'))
-    rows = [['Model', f'{name} (timm), ' + ('fine-tuned from pretrained weights' if model.get('pretrained')
-                                            else 'random initialisation')]]
+    architecture = (read_optional_json(output_dir / CONFIG_FILE) or {}).get('architecture', 'not recorded')
+    rows = [['Model', f'{md_escape(architecture)} (timm), {start_description(run_config)[0]}']]
     if model.get('model_args'):
         rows.append(['Model arguments', md_escape(json.dumps(model['model_args'], sort_keys=True))])
     rows.append(['Data', dataset_description])
@@ -326,7 +432,9 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
     background = read_optional_json(output_dir / BACKGROUND_FILE)
     model = run_config.get('model') or {}
     data_config = run_config.get('data') or {}
-    model_name = str(model.get('model_name_or_path', 'vit'))
+    model_name = str((read_optional_json(output_dir / CONFIG_FILE) or {}).get('architecture')
+                     or model.get('model_name_or_path', 'vit'))
+    start_text, base_model = start_description(run_config)
     dataset_type, dataset_name, dataset_description = _dataset_names(data_config)
     class_names = all_results['test_class_names']
     eval_split = str(all_results.get('test_split', 'test'))
@@ -342,7 +450,7 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
                    metric_value=float(all_results['test_macro_f1'])),
     ]
     tags = list(BASE_TAGS)
-    if data_config.get('dataset_name') == 'synthetic' and not data_config.get('train_dir'):
+    if data_config.get('dataset_name') in ('synthetic', 'synthetic_shapes') and not data_config.get('train_dir'):
         tags.append('synthetic-data')
     if background is not None:
         tags.append('background-bias')
@@ -351,7 +459,7 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
     card_data = ModelCardData(
         library_name='timm', pipeline_tag='image-classification', license=license, tags=tags,
         datasets=[hub_id] if hub_id else None,
-        base_model=f'timm/{model_name}' if model.get('pretrained') else None,
+        base_model=base_model,
         model_name=title, eval_results=eval_results)
 
     per_class_table, lowest_f1_sentence = _per_class_table(all_results)
@@ -359,14 +467,21 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
     background_section, background_limitation = _background_section(
         background, len(class_names), _figure_links(output_dir, BACKGROUND_FIGURES))
     support = all_results.get('test_support_per_class') or {}
+    compression_section, compression_limitation = _compression_section(
+        read_optional_json(output_dir / COMPRESS_FILE), _figure_links(output_dir, COMPRESSION_FIGURES))
     sources = [name for name in (RESULTS_FILE, RUN_CONFIG_FILE, CONFIG_FILE, DATA_REPORT_FILE,
-                                 METRICS_FILE, BACKGROUND_FILE) if (output_dir / name).is_file()]
+                                 METRICS_FILE, BACKGROUND_FILE, FAITHFULNESS_FILE, COMPRESS_FILE)
+               if (output_dir / name).is_file()]
     card = ModelCard.from_template(
         card_data, template_str=template if template is not None else template_text(TEMPLATE_NAME),
         title=md_escape(title),
         model_name=md_escape(model_name),
-        pretrained=bool(model.get('pretrained')),
+        start_text=start_text,
+        change_section=_change_section(read_optional_json(output_dir / CHANGE_FILE),
+                                       _figure_links(output_dir, CHANGE_FIGURES)),
         num_classes=len(class_names),
+        **({'subject': 'shapes and textures', 'focus': 'object'} if data_config.get('dataset_name') == 'synthetic_shapes'
+           else {'subject': 'flowers', 'focus': 'flower'}),
         dataset_description=dataset_description,
         num_layers_text=num_layers_text,
         eval_split=md_escape(eval_split),
@@ -378,12 +493,17 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
         classification_figures='\n\n'.join(_figure_links(output_dir, CLASSIFICATION_FIGURES)),
         attention_section=attention_section,
         attention_figures='\n\n'.join(_figure_links(
-            output_dir, ATTENTION_FIGURES[:2] + _head_map_figures(output_dir) + ATTENTION_FIGURES[2:])),
+            output_dir, ATTENTION_FIGURES[:2] + _head_map_figures(output_dir) + ATTENTION_FIGURES[2:3]
+            + _class_map_figures(output_dir) + ATTENTION_FIGURES[3:])),
         background_section=background_section,
+        faithfulness_section=_faithfulness_section(read_optional_json(output_dir / FAITHFULNESS_FILE), metrics,
+                                                   _figure_links(output_dir, FAITHFULNESS_FIGURES)),
         training_table=_training_table(output_dir, all_results, run_config, dataset_description),
         intended_use=_intended_use(data_config, len(class_names)),
         data_limitation=_data_limitation(data_config, dataset_description),
         background_limitation=background_limitation,
+        compression_section=compression_section,
+        compression_limitation=compression_limitation,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         source_files=', '.join(f'`{name}`' for name in sources),
     )

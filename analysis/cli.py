@@ -6,6 +6,8 @@
     report      the self-contained report.html of an output directory
     background  accuracy on background variants, bg_gap             (background.json + figure)
     importance  linear probes, layer skipping, head ablation         (importance.json + figure)
+    faithfulness  which attention map explains the decision: deletion / insertion AUC  (faithfulness.json + figure)
+    compress    a smaller, faster model: blocks removed by importance, distilled, measured (compress.json + run dir)
     study       correlated vs random backgrounds, trained and measured end to end
     push        publish an output directory to the Hugging Face Hub (or --dry_run into a folder)
 
@@ -40,8 +42,11 @@ class ExtractFlags(ModelFlags):
     output: Optional[str] = field(default=None, metadata={
         'help': 'Summary file to write (default: <model dir>/attentions.safetensors); '
                 'attention_metrics.json goes next to it.'})
-    full_maps: int = field(default=0, metadata={'help': 'Keep full N x N maps of the first K images.'})
+    full_maps: int = field(default=0, metadata={
+        'help': 'Keep full N x N maps (and input crops) of K images, half correct and half wrong predictions '
+                'where there are both; the report\'s attention explorer shows them.'})
     max_batches: Optional[int] = field(default=None, metadata={'help': 'Stop after this many batches.'})
+    num_workers: int = field(default=0, metadata={'help': 'DataLoader worker processes (per process).'})
 
 
 @dataclass
@@ -66,6 +71,39 @@ class StudyFlags(ModelFlags):
     output: Optional[str] = field(default=None, metadata={'help': 'Folder for the JSON + figure (default: model dir).'})
     seed: int = field(default=0, metadata={'help': 'Seed of the background partners.'})
     max_images: Optional[int] = field(default=None, metadata={'help': 'At most this many images per split.'})
+
+
+@dataclass
+class FaithfulnessFlags(ModelFlags):
+    split: str = field(default='test', metadata={'help': 'Split to score on.'})
+    output: Optional[str] = field(default=None, metadata={'help': 'Folder for the JSON + figure (default: model dir).'})
+    max_images: int = field(default=500, metadata={'help': 'Score this many images, drawn by seed (at least 2).'})
+    steps: int = field(default=8, metadata={'help': 'Perturbation steps per curve (at least 2).'})
+    baseline: str = field(default='mean', metadata={
+        'help': 'What a removed patch shows: mean (the per-channel mean of the images scored), black, or blur.'})
+    seed: int = field(default=0, metadata={'help': 'Seed of the image sample, the random map and the tie-breaking.'})
+
+
+@dataclass
+class CompressFlags:
+    """Any other flag is a train_hf flag that overrides the full run's settings (--learning_rate, --max_steps, ...)."""
+    model: str = field(metadata={'help': 'Output directory of the full model\'s training run.'})
+    output_dir: str = field(metadata={'help': 'Where the compressed run goes (a new folder).'})
+    max_accuracy_drop: float = field(default=0.01, metadata={
+        'help': 'Keep the smallest model whose validation accuracy after distillation is at most this much below '
+                'the full model\'s; in [0, 1), 0.01 = 1 point.'})
+    distill_epochs: float = field(default=3.0, metadata={'help': 'Distillation epochs of each candidate depth.'})
+    temperature: float = field(default=2.0, metadata={'help': 'Distillation temperature T.'})
+    alpha: float = field(default=0.5, metadata={'help': 'Weight of the teacher (KL) term; 1 - alpha on the labels.'})
+    selection_images: int = field(default=256, metadata={'help': 'Training images that rank the blocks.'})
+    speed_rounds: int = field(default=5, metadata={'help': 'Rounds of the alternating CPU speed measurement.'})
+    base_model: Optional[str] = field(default=None, metadata={
+        'help': 'Hub repo id of the full model, for the card\'s base_model, when its own files do not record it.'})
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise ValueError(f'--max_accuracy_drop must lie in [0, 1) (a share of accuracy, 0.01 = 1 point), '
+                             f'got {self.max_accuracy_drop}')
 
 
 @dataclass
@@ -141,22 +179,31 @@ def _split(dataset, split: str):
 
 
 def cmd_extract(argv: List[str]) -> None:
-    from .extract import extract_summary
-    from data_scripts.files import write_json
+    """Under ``accelerate launch --num_processes N`` every process streams a share of the split; rank 0 merges."""
+    import torch
+    from accelerate import PartialState
+
+    from .extract import distributed_rank, extract_to_file
     from .run_files import METRICS_FILE, SUMMARY_FILE
-    from .summary import save_summary
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
-    model = _load_model(flags.model)
-    dataset = _dataset_for(data_args)
     output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_FILE
     if not flags.output and not Path(flags.model).is_dir():
         raise ValueError('--output is required when --model is not an output directory')
-    tensors, meta, metrics = extract_summary(
-        model, _split(dataset, flags.split), batch_size=flags.batch_size, full_maps=flags.full_maps,
-        max_batches=flags.max_batches, model_id=flags.model, dataset_name=data_args.dataset_name, split=flags.split)
-    save_summary(output, tensors, meta)
-    write_json(output.parent / METRICS_FILE, metrics)
-    print(f'wrote {output} and {output.parent / METRICS_FILE} ({meta["num_images"]} images)')
+    device = PartialState().device  # starts the process group under accelerate launch; this process's device
+    rank, world_size = distributed_rank()  # (accelerate's own index reads 0 on every CPU process)
+    model = _load_model(flags.model).to(device)
+    if rank > 0:  # rank 0 generates / prepares the dataset first, the others then read its cache
+        torch.distributed.barrier()
+    dataset = _dataset_for(data_args)
+    if rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    result = extract_to_file(
+        model, _split(dataset, flags.split), output, metrics_path=output.parent / METRICS_FILE, sharded=True,
+        batch_size=flags.batch_size, full_maps=flags.full_maps, max_batches=flags.max_batches, model_id=flags.model,
+        dataset_name=data_args.dataset_name, split=flags.split, num_workers=flags.num_workers)
+    if rank == 0:
+        print(f'wrote {output} and {output.parent / METRICS_FILE} ({result.metadata["num_images"]} images, '
+              f'{world_size} process{"es" if world_size > 1 else ""}, {result.runtime_s:.1f} s)')
 
 
 def cmd_heatmaps(argv: List[str]) -> None:
@@ -217,11 +264,25 @@ def _write_study(output: Path, name: str, result: dict, figure) -> None:
     print(f'wrote {output / f"{name}.json"} and {output / "figures" / f"{name}.png"}')
 
 
+def _one_process(command: str) -> None:
+    """The studies run in one process (README, "Large splits and many processes"): refuse a multi-process launch."""
+    import os
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise ValueError(f'{command} runs in one process (each of the {os.environ["WORLD_SIZE"]} launched would repeat '
+                         f'the whole study); run it with python -m analysis {command} ... (it uses the GPU if there is one)')
+
+
+def _study_device():
+    import torch
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
 def cmd_background(argv: List[str]) -> None:
     from . import plots
     from .background import background_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
-    model = _load_model(flags.model)
+    _one_process('background')
+    model = _load_model(flags.model).to(_study_device())
     dataset = _dataset_for(data_args)
     synthetic = data_args.synthetic_config() if data_args.dataset_name == 'synthetic' else None
     result = background_study(model, _split(dataset, flags.split), seed=flags.seed, batch_size=flags.batch_size,
@@ -234,12 +295,40 @@ def cmd_importance(argv: List[str]) -> None:
     from . import plots
     from .importance import importance_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
-    model = _load_model(flags.model)
+    _one_process('importance')
+    model = _load_model(flags.model).to(_study_device())
     dataset = _dataset_for(data_args)
     _split(dataset, flags.split)
     result = importance_study(model, dataset, batch_size=flags.batch_size, max_train=flags.max_images,
                               max_test=flags.max_images, seed=flags.seed, test_split=flags.split)
     _write_study(_study_output(flags), 'importance', result, plots.importance_figure)
+
+
+def cmd_faithfulness(argv: List[str]) -> None:
+    from . import plots
+    from .faithfulness import check_options, faithfulness_study
+    flags, data_args = _parse(FaithfulnessFlags, argv, with_data=True)
+    check_options(steps=flags.steps, baseline=flags.baseline, max_images=flags.max_images)  # before any loading
+    _one_process('faithfulness')
+    output = _study_output(flags)
+    model = _load_model(flags.model).to(_study_device())
+    dataset = _dataset_for(data_args)
+    result = faithfulness_study(model, _split(dataset, flags.split), max_images=flags.max_images, steps=flags.steps,
+                                baseline=flags.baseline, batch_size=flags.batch_size, seed=flags.seed,
+                                split=flags.split, model_id=flags.model)
+    _write_study(output, 'faithfulness', result, plots.faithfulness_figure)
+
+
+def cmd_compress(argv: List[str]) -> None:
+    """The flags of CompressFlags; every other flag goes to the distillation runs as a train_hf flag."""
+    from .compress import compress_run
+    flags, train_flags = HfArgumentParser((CompressFlags,)).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    result = compress_run(flags.model, flags.output_dir, max_accuracy_drop=flags.max_accuracy_drop,
+                          distill_epochs=flags.distill_epochs, temperature=flags.temperature, alpha=flags.alpha,
+                          selection_images=flags.selection_images, speed_rounds=flags.speed_rounds,
+                          base_model=flags.base_model, flags=train_flags)
+    print(result['message'])
 
 
 def cmd_study(argv: List[str]) -> None:
@@ -256,7 +345,8 @@ def cmd_push(argv: List[str]) -> None:
 
 COMMANDS = {
     'extract': cmd_extract, 'heatmaps': cmd_heatmaps, 'image': cmd_image, 'report': cmd_report,
-    'background': cmd_background, 'importance': cmd_importance, 'study': cmd_study, 'push': cmd_push,
+    'background': cmd_background, 'importance': cmd_importance, 'faithfulness': cmd_faithfulness,
+    'compress': cmd_compress, 'study': cmd_study, 'push': cmd_push,
 }
 
 

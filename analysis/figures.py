@@ -5,21 +5,20 @@ directory ``D``; the report embeds them and the model card links them.
 """
 import logging
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import plots
-from .attention_metrics import class_mean_cls_maps
-from .findings import best_fg_lift_layer
-from .run_files import (BACKGROUND_FILE, FIGURES_DIR, IMPORTANCE_FILE, METRICS_FILE, SUMMARY_FILE, read_optional_json,
-                        read_results)
-from .summary import load_summary
+from .findings import MANY_CLASSES, best_fg_lift_layer
+from .run_files import (BACKGROUND_FILE, CHANGE_FILE, COMPRESS_FILE, FAITHFULNESS_FILE, FIGURES_DIR, IMPORTANCE_FILE, METRICS_FILE,
+                        START_SUMMARY_FILE, SUMMARY_FILE, read_optional_json, read_results)
+from .summary import SummaryReader, class_mean_cls_maps_streamed, load_summary_keys
 from .tokens import TokenLayout
 
 _logger = logging.getLogger(__name__)
 
-# The class-mean figure shows at most this many classes (rows); more would be unreadable.
+# A class-mean figure shows at most this many classes (rows); more classes take more figures (pages).
 MAX_CLASS_MAP_ROWS = 20
 
 
@@ -61,7 +60,8 @@ def summary_figures(summary_path: Union[str, Path], figures_dir: Union[str, Path
         ``{figure name: path}``.
     """
     figures_dir = Path(figures_dir)
-    tensors, meta = load_summary(summary_path)
+    # Per-image maps are read only for the examples, and reduced chunk by chunk for the class maps.
+    tensors, meta = load_summary_keys(summary_path, ('labels', 'predictions', 'example_indices', 'example_images'))
     _check_summary(tensors, meta)
     if metrics is None:
         metrics = read_optional_json(Path(summary_path).parent / METRICS_FILE)
@@ -74,25 +74,86 @@ def summary_figures(summary_path: Union[str, Path], figures_dir: Union[str, Path
         save('depth_curves', plots.depth_curves(metrics))
     layout = TokenLayout.from_dict(meta['layout'])
     class_names = list(meta['class_names'])
-    cls_attention = tensors['cls_attention'].float()  # [M, L, H, P]
     examples = tensors.get('example_indices')
     if examples is not None and len(examples) > 0:
         idx = examples.long()
+        with SummaryReader(summary_path) as reader:
+            cls_attention = reader.rows('cls_attention', idx.tolist()).float()  # [E, L, H, P]
+            rollout = reader.rows('rollout', idx.tolist()).float()  # [E, P]
         save('layer_grid', plots.layer_grid(
-            tensors['example_images'], cls_attention[idx].mean(dim=2), tensors['rollout'][idx].float(),
+            tensors['example_images'], cls_attention.mean(dim=2), rollout,
             layout, _example_titles(tensors, class_names)))
         layer = head_map_layer(metrics)
-        save('head_maps', plots.head_maps(tensors['example_images'][0], cls_attention[idx[0], layer - 1],
+        save('head_maps', plots.head_maps(tensors['example_images'][0], cls_attention[0, layer - 1],
                                           layout, layer), f'head_maps_layer{layer}.png')
     else:
         _logger.warning('the attention summary holds no example images; skipping layer_grid and head_maps')
-    maps, counts = class_mean_cls_maps(cls_attention, tensors['labels'], len(class_names))
-    shown = [c for c in range(len(class_names)) if counts[c] > 0][:MAX_CLASS_MAP_ROWS]
-    if len(shown) < int((counts > 0).sum()):
-        _logger.info('class_maps shows the first %d of %d classes with images', len(shown), int((counts > 0).sum()))
-    if shown:
-        save('class_maps', plots.class_mean_maps(maps[shown], [class_names[c] for c in shown], layout))
+    maps, counts = class_mean_cls_maps_streamed(summary_path, len(class_names))  # [C, L, P], [C]
+    for stale in figures_dir.glob('class_maps_*.png'):  # pages of an earlier, larger summary
+        stale.unlink()
+    for name, shown in class_map_pages(counts):
+        save(name, plots.class_mean_maps(maps[shown], [class_names[c] for c in shown], layout))
     return written
+
+
+def class_map_pages(counts: torch.Tensor) -> List[Tuple[str, List[int]]]:
+    """The class-map figures: ``(figure name, class indices shown)``, every class with images, in label order,
+    `MAX_CLASS_MAP_ROWS` per figure (``class_maps``, ``class_maps_2``, ...; one figure up to that many classes).
+
+    Args:
+        counts: ``[C]`` images per class in the summary.
+    """
+    classes = [c for c in range(len(counts)) if int(counts[c]) > 0]
+    pages = [classes[i:i + MAX_CLASS_MAP_ROWS] for i in range(0, len(classes), MAX_CLASS_MAP_ROWS)]
+    return [('class_maps' if k == 0 else f'class_maps_{k + 1}', page) for k, page in enumerate(pages)]
+
+
+def class_map_captions(summary_path: Union[str, Path]) -> List[Tuple[str, str]]:
+    """``(figure name, caption)`` of every class-map figure of a summary (`class_map_pages`), saying what it shows."""
+    tensors, meta = load_summary_keys(summary_path, ('labels',))
+    names = list(meta['class_names'])
+    counts = torch.bincount(tensors['labels'].long(), minlength=len(names))  # [C]
+    pages = class_map_pages(counts)
+    total = sum(len(shown) for _, shown in pages)
+    without = len(names) - total
+    missing = f'; {without} class{"es" if without != 1 else ""} without images in the summary' if without else ''
+    if len(pages) == 1:
+        return [(pages[0][0], f'Mean CLS attention over the images of each class: all {total} classes with '
+                              f'images{missing}.')]
+    captions = []
+    for k, (name, shown) in enumerate(pages):
+        first, last = sum(len(s) for _, s in pages[:k]) + 1, sum(len(s) for _, s in pages[:k + 1])
+        captions.append((name, f'Mean CLS attention per class, page {k + 1} of {len(pages)}: classes {first}-{last} '
+                               f'of the {total} with images, in label order ({names[shown[0]]} to {names[shown[-1]]})'
+                               f'{missing}.'))
+    return captions
+
+
+def before_after_grid(start_summary: Union[str, Path], end_summary: Union[str, Path], num_images: int = 3):
+    """Layer grid of a few example images, each shown with its start maps and, below, its end maps.
+
+    Returns:
+        The figure, or None when the end summary holds no example images.
+    """
+    # Only the example rows are read (the summaries may hold thousands of images).
+    end, meta = load_summary_keys(end_summary, ('example_indices', 'example_images'))
+    if len(end.get('example_indices', [])) == 0:
+        return None
+    layout = TokenLayout.from_dict(meta['layout'])
+    indices = end['example_indices'][:num_images].long().tolist()
+    names = meta['class_names']
+    rows = {}
+    for label, path in (('start', start_summary), ('after', end_summary)):
+        with SummaryReader(path) as reader:
+            rows[label] = {k: reader.rows(k, indices) for k in ('cls_attention', 'rollout', 'labels')}
+    images, maps, rollout, titles = [], [], [], []
+    for e, i in enumerate(indices):
+        for label in ('start', 'after'):
+            images.append(end['example_images'][e])
+            maps.append(rows[label]['cls_attention'][e].float().mean(dim=1))  # [L, P]
+            rollout.append(rows[label]['rollout'][e].float())
+            titles.append(f'{names[int(rows["after"]["labels"][e])]}\n{label}')
+    return plots.layer_grid(torch.stack(images), torch.stack(maps), torch.stack(rollout), layout, titles)
 
 
 def render_figures(
@@ -106,8 +167,8 @@ def render_figures(
     ``confusion_matrix.png`` and ``f1_bars.png`` from ``all_results.json``; ``depth_curves.png``
     from ``attention_metrics.json``; ``layer_grid.png``, ``head_maps_layer{l}.png`` (the layer
     with the highest fg_lift, layer 1 without masks) and ``class_maps.png`` from the attention
-    summary; ``background.png`` / ``importance.png`` when those studies were run. Figures whose
-    inputs are missing are skipped (and logged).
+    summary; ``background.png`` / ``importance.png`` / ``faithfulness.png`` when those studies were run,
+    ``compression.png`` for a compressed model. Figures whose inputs are missing are skipped (and logged).
 
     Args:
         output_dir: the training output directory ``D``.
@@ -117,7 +178,8 @@ def render_figures(
 
     Returns:
         ``{figure name: path}`` with names ``confusion_matrix``, ``f1_bars``, ``depth_curves``,
-        ``layer_grid``, ``head_maps``, ``class_maps``, ``background``, ``importance``.
+        ``layer_grid``, ``head_maps``, ``class_maps``, ``background``, ``importance``, ``faithfulness``,
+        ``compression``.
     """
     output_dir = Path(output_dir)
     figures_dir = Path(figures_dir) if figures_dir is not None else output_dir / FIGURES_DIR
@@ -134,7 +196,8 @@ def render_figures(
         save('confusion_matrix', plots.confusion_matrix_figure(
             all_results['test_confusion_matrix'], all_results['test_class_names']))
     if all_results.get('test_f1_per_class'):
-        save('f1_bars', plots.f1_bars(all_results['test_f1_per_class']))
+        save('f1_bars', plots.f1_bars(all_results['test_f1_per_class'],
+                                      worst_first=len(all_results['test_f1_per_class']) >= MANY_CLASSES))
     if summary_path is None and (output_dir / SUMMARY_FILE).is_file():
         summary_path = output_dir / SUMMARY_FILE
     if summary_path is not None:
@@ -142,9 +205,22 @@ def render_figures(
     else:
         _logger.warning('%s not found; skipping the attention pictures', output_dir / SUMMARY_FILE)
 
+    change = read_optional_json(output_dir / CHANGE_FILE)
+    if change is not None:
+        save('attention_change', plots.attention_change_figure(change))
+        if summary_path is not None and (output_dir / START_SUMMARY_FILE).is_file():
+            grid = before_after_grid(output_dir / START_SUMMARY_FILE, summary_path)
+            if grid is not None:
+                save('layer_grid_change', grid)
     if background is not None:
         save('background', plots.background_figure(background))
     if importance is not None:
         save('importance', plots.importance_figure(importance))
+    compress = read_optional_json(output_dir / COMPRESS_FILE)
+    if compress is not None and compress.get('search'):
+        save('compression', plots.compression_figure(compress))
+    faithfulness = read_optional_json(output_dir / FAITHFULNESS_FILE)
+    if faithfulness is not None:
+        save('faithfulness', plots.faithfulness_figure(faithfulness))
     _logger.info('wrote %d figures to %s', len(written), figures_dir)
     return written

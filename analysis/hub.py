@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 # attention plots without the data.
 UPLOAD_FILES = [
     'config.json', 'model.safetensors', 'README.md', 'all_results.json', 'run_config.json',
-    'data_report.json', 'attention_metrics.json', 'attentions.safetensors', 'background.json',
-    'importance.json', 'report.html',
+    'data_report.json', 'attention_metrics.json', 'attentions.safetensors', 'attention_metrics_start.json',
+    'attention_change.json', 'background.json',
+    'importance.json', 'faithfulness.json', 'compress.json', 'report.html',
 ]
 UPLOAD_GLOBS = ['figures/*.png']
 UPLOAD_PATTERNS = UPLOAD_FILES + UPLOAD_GLOBS

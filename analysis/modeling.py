@@ -12,6 +12,7 @@
   timm (``local-dir:`` / ``hf-hub:``), transformers (``AutoModelForImageClassification``,
   ``pipeline``) and this class all load.
 """
+import hashlib
 import json
 import logging
 import os
@@ -21,8 +22,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 from timm.models._hub import save_config_for_hf
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -117,6 +120,116 @@ def timm_config(vit: torch.nn.Module, label_names: Optional[Sequence[str]] = Non
             config = json.load(f)
     config.get('model_args', {}).pop('num_classes', None)
     return config
+
+
+# pretrained_cfg keys that name the weights a model came from (a fine-tuned or random model must not keep them)
+PROVENANCE_KEYS = ('tag', 'license', 'hf_hub_id', 'hf_hub_filename', 'file', 'source', 'url')
+
+
+def without_provenance(pretrained_cfg: Dict) -> Dict:
+    return {k: v for k, v in dict(pretrained_cfg).items() if k not in PROVENANCE_KEYS}
+
+
+def _names(keys: Sequence[str], shown: int = 6) -> str:
+    keys = list(keys)
+    return ', '.join(keys[:shown]) + (f' (and {len(keys) - shown} more)' if len(keys) > shown else '')
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The local folder holding ``config.json`` + ``model.safetensors`` of an output directory or Hub repo.
+
+    Args:
+        name: an output directory, or a Hub repo id (``user/name`` or ``hf-hub:user/name``), whose two
+            files are downloaded (or taken from the Hub cache).
+
+    Raises:
+        FileNotFoundError: no such folder, or the Hub has (or gives) no such model.
+    """
+    name = os.path.expanduser(str(name))
+    repo_id = name[len('hf-hub:'):] if name.startswith('hf-hub:') else None
+    if repo_id is None and (os.path.isdir(name) or looks_like_local_path(name)):
+        folder = Path(name)
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f'{name} has no {" / ".join(missing)}: give the output directory of a training run.')
+        return folder
+    from huggingface_hub import snapshot_download  # only for Hub ids
+    try:
+        return Path(snapshot_download(repo_id or name, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as e:  # the Hub client raises many kinds (offline, not found, HTTP errors)
+        raise FileNotFoundError(f'{name} is neither a local folder nor a model that can be downloaded from the Hub '
+                                f'now ({one_line(e)[:200]}).') from e
+
+
+def init_from_checkpoint(
+        folder: Union[str, os.PathLike],
+        label_names: Sequence[str],
+        *,
+        pretrained: bool = True,
+        model_args: Optional[Dict] = None,
+) -> Tuple['TimmViTForImageClassification', Dict]:
+    """The model to fine-tune from a checkpoint: its architecture and weights, a new head for new classes.
+
+    The backbone is the checkpoint's; the classifier head is kept only when the checkpoint was trained
+    for exactly ``label_names`` (same names, same order), else it is initialised anew, as timm
+    initialises it. A different ``img_size`` resamples the position embeddings (timm's
+    ``checkpoint_filter_fn``, as when timm loads pretrained weights); every other tensor must fit.
+
+    Args:
+        folder: a checkpoint folder (`checkpoint_dir`).
+        label_names: the classes to train.
+        pretrained: False keeps only the architecture (every weight random): the from-scratch baseline.
+        model_args: ``timm.create_model`` arguments that override the checkpoint's (e.g. drop_path_rate).
+
+    Returns:
+        ``(model, start)``; ``start`` says where the weights came from: ``checkpoint``, ``weights_sha256``,
+        ``loaded`` (tensor names), ``initialised`` (tensor names), ``checkpoint_label_names``.
+
+    Raises:
+        ValueError: a tensor other than the head does not fit (the message names the tensors).
+    """
+    folder = Path(folder)
+    with open(folder / CONFIG_NAME) as f:
+        config = json.load(f)
+    args = {**config.get('model_args', {}), **(model_args or {}), 'num_classes': len(label_names)}
+    args.pop('pretrained_model_args', None)
+    architecture = config['architecture']
+    with torch.device('meta'):  # fail early, before building anything, on a model we cannot capture
+        vit_attention_modules(timm.create_model(architecture, pretrained=False, **args))
+    vit = timm.create_model(architecture, pretrained=False, **args)  # timm's initialisation
+    vit.pretrained_cfg = {**without_provenance(config.get('pretrained_cfg', {})),
+                          'architecture': architecture, 'num_classes': len(label_names)}
+    target = vit.state_dict()
+    weights = folder / WEIGHTS_NAME
+    start = {'checkpoint': str(folder), 'pretrained': pretrained,
+             'weights_sha256': hashlib.sha256(weights.read_bytes()).hexdigest(),
+             'checkpoint_label_names': config.get('label_names')}
+    if not pretrained:
+        start.update(loaded=[], initialised=sorted(target))
+        return TimmViTForImageClassification.from_timm_model(vit, label_names), start
+
+    state = load_file(str(weights))
+    if isinstance(vit, VisionTransformer):
+        # timm's own adaptation: position embeddings (and patch kernels) resampled to another image size
+        state = vit_checkpoint_filter(state, vit)
+    classifier = config.get('pretrained_cfg', {}).get('classifier', 'head')
+    head = {f'{classifier}.weight', f'{classifier}.bias'}
+    if config.get('label_names') != list(label_names):
+        state = {k: v for k, v in state.items() if k not in head}
+    mismatched = [f'{k} {list(state[k].shape)} vs {list(v.shape)}' for k, v in target.items()  # model order
+                  if k in state and state[k].shape != v.shape]
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state and k not in head]
+    if mismatched or unexpected or missing:
+        problems = [f'{label}: {_names(keys)}' for label, keys in
+                    (('shape differs', mismatched), ('not in the model', unexpected), ('not in the checkpoint', missing))
+                    if keys]
+        raise ValueError(f'{folder} does not fit the model to train ({architecture} with {model_args or "its own"} '
+                         f'arguments): {"; ".join(problems)}. Start from a checkpoint of this architecture, or drop '
+                         'the --model_args that change it.')
+    vit.load_state_dict(state, strict=False)
+    start.update(loaded=sorted(state), initialised=sorted(k for k in target if k not in state))
+    return TimmViTForImageClassification.from_timm_model(vit, label_names), start
 
 
 class TimmViTForImageClassification(TimmWrapperForImageClassification):
@@ -227,10 +340,29 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
             model_args['num_classes'] = len(label_names)
         with torch.device('meta'):  # no weights, no download: fail early on a model we cannot capture
             vit_attention_modules(timm.create_model(model_name, pretrained=False, **model_args))
-        vit = timm.create_model(model_name, pretrained=pretrained, **model_args)
         if not pretrained:
+            vit = timm.create_model(model_name, pretrained=False, **model_args)
             # the default pretrained_cfg names weights these parameters do not come from
-            vit.pretrained_cfg = {k: v for k, v in vit.pretrained_cfg.items() if k not in ('tag', 'license')}
+            vit.pretrained_cfg = without_provenance(vit.pretrained_cfg)
+            return cls.from_timm_model(vit, label_names)
+        try:  # safetensors only: never a pickled checkpoint
+            vit = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={'hf_hub_filename': WEIGHTS_NAME},
+                                    **model_args)
+        except OSError as e:  # the Hub client's errors (offline, not found) are OSErrors
+            raise FileNotFoundError(
+                f'could not get the pretrained weights of {model_name} ({one_line(e)[:200]}); check the network, '
+                'put them in the Hub cache and set HF_HUB_OFFLINE=1, or use --pretrained false') from e
+        timm_cfg = timm.models.get_pretrained_cfg(model_name)
+        if label_names is not None and timm_cfg is not None and timm_cfg.num_classes == len(label_names):
+            # timm keeps a pretrained head whose class count matches; its classes are not ours
+            classifier = vit.get_submodule(vit.pretrained_cfg.get('classifier', 'head'))
+            timm.models.vision_transformer.init_weights_vit_timm(classifier)
+        return cls.from_timm_model(vit, label_names)
+
+    @classmethod
+    def from_timm_model(cls, vit: torch.nn.Module, label_names: Optional[Sequence[str]] = None
+                        ) -> 'TimmViTForImageClassification':
+        """Wraps a timm ViT (its weights are copied)."""
         config = TimmWrapperConfig.from_dict(timm_config(vit, label_names))
         model = cls(config)
         model.timm_model.load_state_dict(vit.state_dict())

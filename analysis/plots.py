@@ -95,6 +95,13 @@ def _overlay(ax: Axes, image: Optional[np.ndarray], patch_values: ArrayLike, lay
     ax.set_yticks([])
 
 
+def attention_colour_stops(num_stops: int = 16) -> List[List[int]]:
+    """`ATTENTION_CMAP` as ``num_stops`` RGB stops (0..255) from 0 to 1, for pages that draw maps themselves."""
+    import matplotlib
+    cmap = matplotlib.colormaps[ATTENTION_CMAP]
+    return [[round(255 * c) for c in cmap(i / (num_stops - 1))[:3]] for i in range(num_stops)]
+
+
 def save_figure(fig: Figure, path: Union[str, Path], dpi: int = DEFAULT_DPI) -> Path:
     """Writes ``fig`` as a PNG, whole or not at all (temporary file, then ``os.replace``).
 
@@ -326,11 +333,12 @@ def confusion_matrix_figure(cm: ArrayLike, class_names: List[str]) -> Figure:
     return fig
 
 
-def f1_bars(f1_per_class: Mapping[str, float]) -> Figure:
-    """Horizontal bars of the F1 score of each class, best at the top.
+def f1_bars(f1_per_class: Mapping[str, float], worst_first: bool = False) -> Figure:
+    """Horizontal bars of the F1 score of each class, best at the top (worst at the top with ``worst_first``).
 
     Args:
         f1_per_class: ``{class name: f1}``.
+        worst_first: put the worst classes at the top, where a long figure is read first.
 
     Returns:
         The figure.
@@ -338,6 +346,8 @@ def f1_bars(f1_per_class: Mapping[str, float]) -> Figure:
     if not f1_per_class:
         raise ValueError('f1_per_class is empty; nothing to draw.')
     items = sorted(f1_per_class.items(), key=lambda kv: kv[1])  # worst first = bottom bar
+    if worst_first:
+        items = items[::-1]  # the bars are drawn bottom up: the worst class ends on top
     names = [k for k, _ in items]
     values = np.array([float(v) for _, v in items])
     fig = Figure(figsize=(6.0, 0.28 * len(items) + 1.2), layout='constrained')
@@ -348,8 +358,11 @@ def f1_bars(f1_per_class: Mapping[str, float]) -> Figure:
     for yi, v in zip(y, values):
         ax.text(min(v + 0.01, 1.0), yi, f'{v:.2f}', va='center', fontsize=7)
     ax.set_xlim(0.0, 1.08)
+    if worst_first:
+        ax.set_ylim(-0.6, len(items) - 0.4)  # no default 5% margin: that is several empty rows at many classes
     ax.set_xlabel('F1')
-    ax.set_title('F1 per class', fontsize=10)
+    ax.set_title(f'F1 per class ({len(items)} classes, worst at the top)' if worst_first else 'F1 per class',
+                 fontsize=10)
     return fig
 
 
@@ -397,6 +410,77 @@ def background_figure(background: Mapping) -> Figure:
         ax.set_xlabel('layer')
         ax.set_title('fg_lift over depth per variant', fontsize=10)
         ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+FAITHFULNESS_STYLES = {  # the non-layer maps; layers are drawn thin, coloured by depth
+    'rollout': dict(color='black', linestyle='--', linewidth=1.8),
+    'gradient_rollout': dict(color='tab:red', linestyle='-', linewidth=2.0),
+    'random': dict(color='tab:gray', linestyle=':', linewidth=1.8),
+    'centre': dict(color='tab:brown', linestyle=':', linewidth=1.5),
+    'mask': dict(color='tab:green', linestyle='-.', linewidth=1.8),
+}
+
+
+def faithfulness_figure(faithfulness: Mapping) -> Figure:
+    """Deletion and insertion curves of every map, and their AUCs.
+
+    Args:
+        faithfulness: the parsed ``faithfulness.json`` (`analysis.faithfulness.faithfulness_study`):
+            ``methods`` (per map ``deletion_curve``, ``insertion_curve``, ``deletion_auc``,
+            ``insertion_auc`` with ``mean`` / ``se``), ``fractions``, ``num_images``, ``baseline``.
+
+    Returns:
+        The figure: mean deletion curves, mean insertion curves (layers coloured by depth), and the two
+        AUCs per map with error bars of 2 standard errors.
+    """
+    import matplotlib
+    from .faithfulness import method_kind, method_label
+    methods = faithfulness.get('methods') or {}
+    if not methods:
+        raise ValueError('faithfulness.json has no "methods"; nothing to draw. Re-run the faithfulness scores.')
+    names = list(methods)
+    layers = [n for n in names if method_kind(n) == 'layer']
+    depth = matplotlib.colormaps['viridis']
+
+    def style(name: str) -> dict:
+        if method_kind(name) == 'layer':
+            return dict(color=depth(layers.index(name) / max(1, len(layers) - 1)), linewidth=0.9, alpha=0.8)
+        return FAITHFULNESS_STYLES.get(name, {})
+
+    x = _as_numpy(faithfulness['fractions'])
+    fig = Figure(figsize=(14.0, max(3.8, 0.24 * len(names) + 1.2)), layout='constrained')
+    axes = fig.subplots(1, 3, width_ratios=[1.0, 1.0, 1.1])
+    for ax, curve, xlabel, title in (
+            (axes[0], 'deletion_curve', 'fraction of patches removed, most relevant first', 'Deletion (lower = more faithful)'),
+            (axes[1], 'insertion_curve', 'fraction of patches shown, most relevant first', 'Insertion (higher = more faithful)')):
+        for name in names:
+            if methods[name].get(curve) is not None:
+                ax.plot(x, _as_numpy(methods[name][curve]), label=method_label(name), **style(name))
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel('probability of the predicted class', fontsize=8)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(title, fontsize=10)
+    shown = {method_label(n) for n in names if method_kind(n) != 'layer' or n in layers[:1] + layers[-1:]}
+    axes[1].legend(handles=[h for h in axes[1].get_lines() if h.get_label() in shown], fontsize=7, loc='lower right')
+
+    ax = axes[2]
+    y = np.arange(len(names))
+    for offset, key, colour, label in ((-0.2, 'deletion_auc', 'tab:orange', 'deletion AUC'),
+                                       (0.2, 'insertion_auc', 'tab:blue', 'insertion AUC')):
+        mean = np.array([methods[n][key]['mean'] for n in names], dtype=np.float32)
+        se = np.array([methods[n][key].get('se') or 0.0 for n in names], dtype=np.float32)
+        ax.barh(y + offset, mean, 0.4, xerr=2 * se, color=colour, label=label, capsize=1.5,
+                error_kw=dict(linewidth=0.8))
+    ax.set_yticks(y, [method_label(n) for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel('AUC (error bars: 2 standard errors)', fontsize=8)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))  # outside: the bars reach the right side
+    ax.set_title('AUC per map', fontsize=10)
+    fig.suptitle(f'Which attention map explains the decision: {faithfulness.get("num_images", "?")} images, '
+                 f'{faithfulness.get("steps", "?")} steps, removed patches = {faithfulness.get("baseline", "?")}',
+                 fontsize=11)
     return fig
 
 
@@ -488,4 +572,120 @@ def importance_figure(importance: Mapping) -> Figure:
         draw(ax)
     for ax in axes[len(panels):]:
         ax.set_axis_off()
+    return fig
+
+
+CHANGE_METRIC_LABELS = {
+    'fg_lift': 'fg_lift (head-mean map)',
+    'pointing_game': 'pointing game',
+    'entropy': 'entropy / log P',
+    'mean_attention_distance': 'mean attention distance (px)',
+}
+
+
+def attention_change_figure(change: Mapping) -> Figure:
+    """What training changed, over depth: each metric at the start and at the end, and how far the maps moved.
+
+    Args:
+        change: the parsed ``attention_change.json`` (`analysis.attention_change.attention_change`).
+
+    Returns:
+        The figure: one panel per metric (start dashed, end solid) and one of the per-image
+        Jensen-Shannon divergence between start and end maps (mean, error bars: 2 standard errors).
+    """
+    names = [n for n in CHANGE_METRIC_LABELS if n in change.get('metrics', {})]
+    num_layers = int(change['num_layers'])
+    x = np.arange(1, num_layers + 1)
+    fig = Figure(figsize=(3.4 * (len(names) + 1), 3.2), layout='constrained')
+    axes = fig.subplots(1, len(names) + 1, squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        values = change['metrics'][name]
+        ax.plot(x, _as_numpy(values['start']), linestyle='--', marker='o', markersize=3, color='tab:gray',
+                label='start')
+        ax.plot(x, _as_numpy(values['end']), marker='o', markersize=3, color='tab:blue', label='after training')
+        if name == 'fg_lift':
+            ax.axhline(1.0, color='tab:red', linestyle=':', linewidth=1)
+        ax.set_title(CHANGE_METRIC_LABELS[name], fontsize=10)
+        ax.set_xlabel('layer')
+        ax.legend(fontsize=7)
+    js = change['js_divergence']
+    axes[-1].bar(x, _as_numpy(js['mean']), yerr=2 * _as_numpy(js['se']), color='tab:purple', capsize=2)
+    axes[-1].set_title('how far each image\'s map moved (JS divergence)', fontsize=10)
+    axes[-1].set_xlabel('layer')
+    axes[-1].set_ylim(0.0, max(0.05, 1.2 * float(np.max(_as_numpy(js['mean']) + 2 * _as_numpy(js['se'])))))
+    fig.suptitle(f'Attention before and after training ({int(change["num_images"])} images)', fontsize=11)
+    return fig
+
+
+def compression_figure(compress: Mapping) -> Figure:
+    """Accuracy against CPU speed-up of every depth the compression search walked, and per-class F1 of both models.
+
+    Args:
+        compress: the parsed ``compress.json`` (`analysis.compress.compress_run`): ``search`` (per depth
+            walked: ``depth``, ``speedup``, ``val_accuracy``, ``within_tolerance``), ``validation``
+            (``full_accuracy``, ``threshold``), ``blocks`` (``num_full``, ``num_kept``), ``throughput``
+            (``speedup``) and ``test`` (``full`` / ``compressed``: ``accuracy``, ``f1_per_class``).
+
+    Returns:
+        The figure: validation accuracy after distillation against measured speed-up (the full model
+        at 1x, the tolerance as a dashed line, the kept model starred, test accuracy as hollow
+        markers), and the test F1 of every class for the full and the compressed model.
+    """
+    validation = compress.get('validation') or {}
+    if validation.get('full_accuracy') is None:
+        raise ValueError('compress.json has no validation.full_accuracy; nothing to draw. Re-run the compression.')
+    test = compress.get('test') or {}
+    full_test, compressed_test = test.get('full') or {}, test.get('compressed') or {}
+    with_f1 = bool(full_test.get('f1_per_class'))
+    fig = Figure(figsize=(5.6 + (4.6 if with_f1 else 0.0), 3.8), layout='constrained')
+    axes = fig.subplots(1, 2 if with_f1 else 1, squeeze=False)[0]
+
+    ax = axes[0]
+    num_full = int((compress.get('blocks') or {}).get('num_full', 0))
+    ax.scatter([1.0], [float(validation['full_accuracy'])], color='black', zorder=3,
+               label=f'full model ({num_full} blocks)')
+    walked = [s for s in compress.get('search') or [] if s.get('speedup') is not None]
+    for passed, colour, label in ((True, 'tab:green', 'within tolerance'), (False, 'tab:red', 'outside tolerance')):
+        points = [s for s in walked if bool(s['within_tolerance']) == passed]
+        if points:
+            ax.scatter([s['speedup'] for s in points], [s['val_accuracy'] for s in points], color=colour, zorder=3,
+                       label=f'{label} (validation)')
+    for s in walked:
+        label = f'{int(s["depth"])} block' + ('s' if int(s['depth']) > 1 else '')
+        ax.annotate(label, (s['speedup'], s['val_accuracy']), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    shown = [float(validation['full_accuracy'])] + [float(s['val_accuracy']) for s in walked] + [
+        float(v) for v in (full_test.get('accuracy'), compressed_test.get('accuracy')) if v is not None]
+    low = max(0.0, min(shown) - 0.05)
+    if validation.get('threshold') is not None and float(validation['threshold']) >= low:
+        ax.axhline(float(validation['threshold']), color='tab:gray', linestyle='--', linewidth=1,
+                   label=f'tolerance ({float(validation["threshold"]):.3f})')
+    ax.set_ylim(low, min(1.0, max(shown)) + 0.03)
+    speedup = (compress.get('throughput') or {}).get('speedup')
+    kept = (compress.get('blocks') or {}).get('num_kept')
+    if speedup is not None and compressed_test.get('accuracy') is not None:
+        chosen = [s for s in walked if s['depth'] == kept]
+        if chosen:
+            ax.scatter([chosen[0]['speedup']], [chosen[0]['val_accuracy']], marker='*', s=220, color='gold',
+                       edgecolor='black', zorder=4, label=f'kept: {kept} blocks')
+        ax.scatter([1.0, float(speedup)], [float(full_test['accuracy']), float(compressed_test['accuracy'])],
+                   facecolors='none', edgecolors='tab:blue', s=60, zorder=3, label='test accuracy (full, kept)')
+    ax.set_xlabel('CPU inference speed-up over the full model (x, measured)')
+    ax.set_ylabel('accuracy')
+    ax.set_title('Accuracy against speed-up', fontsize=10)
+    ax.legend(fontsize=7, loc='best')
+
+    if with_f1:
+        ax = axes[1]
+        names = list(full_test['f1_per_class'])
+        y = np.arange(len(names))
+        ax.barh(y + 0.2, [float(full_test['f1_per_class'][n]) for n in names], 0.4, color='tab:gray',
+                label='full model')
+        if compressed_test.get('f1_per_class'):
+            ax.barh(y - 0.2, [float(compressed_test['f1_per_class'][n]) for n in names], 0.4, color='tab:green',
+                    label='compressed')
+        ax.set_yticks(y, names, fontsize=8 if len(names) <= 30 else 6)
+        ax.set_xlim(0.0, 1.05)
+        ax.set_xlabel('F1 (test)')
+        ax.set_title('F1 per class', fontsize=10)
+        ax.legend(fontsize=7, loc='lower left')
     return fig

@@ -15,11 +15,16 @@ from typing import Dict, List, Mapping, Optional, Union
 from data_scripts.files import write_text
 
 from .attention_metrics import MASK_METRICS
-from .figures import MAX_CLASS_MAP_ROWS, head_map_layer, render_figures
-from .findings import background_sentences, fmt, importance_sentences, mask_omission_reason, summary_sentences
+from .explorer import explorer_section
+from .figures import MAX_CLASS_MAP_ROWS, class_map_captions, head_map_layer, render_figures
+from .findings import (background_sentences, change_sentences, change_table, compression_search_table,
+                       compression_sentences, compression_table, confused_pairs_sentence, confused_pairs_table,
+                       faithfulness_outcome_table, faithfulness_sentences, faithfulness_table, fmt,
+                       importance_sentences, mask_omission_reason, per_class_order, per_class_order_note,
+                       summary_sentences)
 from .resources import html_templates, template_text
-from .run_files import (BACKGROUND_FILE, IMPORTANCE_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_optional_json,
-                        read_results)
+from .run_files import (BACKGROUND_FILE, CHANGE_FILE, COMPRESS_FILE, FAITHFULNESS_FILE, IMPORTANCE_FILE, METRICS_FILE, REPORT_FILE,
+                        SUMMARY_FILE, read_optional_json, read_results)
 from .summary import read_summary_meta
 
 _logger = logging.getLogger(__name__)
@@ -28,6 +33,8 @@ _logger = logging.getLogger(__name__)
 ATTENTION_COMMAND = 'python -m analysis extract --model {model}'
 BACKGROUND_COMMAND = 'python -m analysis background --model {model} --split test'
 IMPORTANCE_COMMAND = 'python -m analysis importance --model {model}'
+COMPRESS_COMMAND = 'python -m analysis compress --model {model} --output_dir {model}_compressed'
+FAITHFULNESS_COMMAND = 'python -m analysis faithfulness --model {model} --split test'
 LAYER_TABLE_METRICS = ('fg_ratio', 'fg_lift', 'pointing_game', 'entropy', 'mean_attention_distance')
 METRIC_KINDS = {'pointing_game': 'percent', 'mean_attention_distance': 'px'}
 
@@ -43,9 +50,14 @@ def _classification(all_results: Mapping) -> Dict:
     per_class = [(all_results.get(f'test_{k}_per_class') or {}) for k in ('precision', 'recall', 'f1', 'support')]
     rows = []
     if names and any(per_class):
-        rows = [[n] + [fmt(d.get(n), 'int' if k == 3 else 'float') for k, d in enumerate(per_class)] for n in names]
+        rows = [[n] + [fmt(d.get(n), 'int' if k == 3 else 'float') for k, d in enumerate(per_class)]
+                for n in per_class_order(all_results)]
+    confused = confused_pairs_table(all_results)
     return {'split': all_results.get('test_split', 'test'), 'accuracy': fmt(all_results.get('test_accuracy'), 'percent'),
-            'macro_f1': fmt(all_results.get('test_macro_f1')), 'per_class_rows': rows}
+            'macro_f1': fmt(all_results.get('test_macro_f1')), 'per_class_rows': rows,
+            'per_class_note': per_class_order_note(all_results),
+            'confused': {'header': confused[0], 'rows': confused[1], 'sentence': confused_pairs_sentence(all_results)}
+            if confused else None}
 
 
 def _layer_rows(metrics: Mapping) -> Dict:
@@ -70,7 +82,8 @@ def _per_class_lift(metrics: Mapping) -> Optional[Dict]:
     return {'header': ['class', 'images'] + [f'L{i + 1}' for i in range(num_layers)], 'rows': rows}
 
 
-def _attention(output_dir: Path, metrics: Optional[Mapping], meta: Optional[Mapping]) -> Dict:
+def _attention(output_dir: Path, metrics: Optional[Mapping], meta: Optional[Mapping],
+               summary_path: Optional[Path]) -> Dict:
     layer = head_map_layer(metrics)
     has_lift = metrics is not None and 'fg_lift' in metrics.get('layers', {})
     section = {
@@ -81,7 +94,8 @@ def _attention(output_dir: Path, metrics: Optional[Mapping], meta: Optional[Mapp
         'head_layer': layer,
         'head_layer_why': 'the layer with the highest fg_lift' if has_lift else 'no fg_lift to choose a layer by, '
                                                                                  'so layer 1',
-        'max_class_rows': MAX_CLASS_MAP_ROWS,
+        'class_maps': class_map_captions(summary_path) if summary_path is not None else [],
+        'class_map_rows': MAX_CLASS_MAP_ROWS,
         'mask_note': None, 'layer_table': None, 'per_class': None, 'other_omissions': [],
     }
     if metrics is not None:
@@ -102,10 +116,48 @@ def _background(output_dir: Path, background: Optional[Mapping]) -> Dict:
             'rows': [[n, fmt(v.get('accuracy'), 'percent'), fmt(v.get('macro_f1'))] for n, v in variants.items()]}
 
 
+def _compression(output_dir: Path, compress: Optional[Mapping]) -> Dict:
+    if compress is None:
+        return {'ran': False, 'command': COMPRESS_COMMAND.format(model=output_dir)}
+    search_header, search_rows = compression_search_table(compress)
+    section = {'ran': True, 'compressed': compress.get('outcome') == 'compressed',
+               'sentences': compression_sentences(compress), 'base': compress['base_model'],
+               'search': {'header': search_header, 'rows': search_rows}, 'table': None}
+    if section['compressed']:
+        header, rows = compression_table(compress)
+        section['table'] = {'header': header, 'rows': rows}
+    return section
+
+
 def _importance(output_dir: Path, importance: Optional[Mapping]) -> Dict:
     if importance is None:
         return {'ran': False, 'command': IMPORTANCE_COMMAND.format(model=output_dir)}
     return {'ran': True, 'sentences': importance_sentences(importance)}
+
+
+def _change(change: Optional[Mapping]) -> Dict:
+    if change is None:
+        return {'ran': False, 'missing': f'no {CHANGE_FILE}; the training job writes it'}
+    header, rows = change_table(change)
+    return {'ran': True, 'num_images': change['num_images'], 'start': change.get('start_model') or 'the start',
+            'sentences': change_sentences(change), 'table': {'header': header, 'rows': rows}}
+
+
+def _faithfulness(output_dir: Path, faithfulness: Optional[Mapping], metrics: Optional[Mapping]) -> Dict:
+    if faithfulness is None:
+        return {'ran': False, 'command': FAITHFULNESS_COMMAND.format(model=output_dir)}
+    header, rows = faithfulness_table(faithfulness)
+    outcome = faithfulness_outcome_table(faithfulness)
+    baseline = faithfulness.get('baseline', '?')
+    if baseline == 'mean' and faithfulness.get('baseline_rgb'):
+        baseline += ' (RGB ' + ', '.join(fmt(v, digits=2) for v in faithfulness['baseline_rgb']) + ')'
+    return {'ran': True, 'sentences': faithfulness_sentences(faithfulness, metrics),
+            'table': {'header': header, 'rows': rows},
+            'outcome': {'header': outcome[0], 'rows': outcome[1]} if outcome else None,
+            'facts': f'{faithfulness["num_images"]} {faithfulness.get("split", "")} images, {faithfulness["steps"]} steps '
+                     f'of {faithfulness["num_patches"]} patches, removed patches show the {baseline} baseline',
+            'omitted': list((faithfulness.get('omitted') or {}).values()),
+            'command': FAITHFULNESS_COMMAND.format(model=output_dir)}
 
 
 def _facts(meta: Optional[Mapping]) -> List[str]:
@@ -140,6 +192,8 @@ def write_report(
     metrics = read_optional_json(output_dir / METRICS_FILE)
     background = read_optional_json(output_dir / BACKGROUND_FILE)
     importance = read_optional_json(output_dir / IMPORTANCE_FILE)
+    faithfulness = read_optional_json(output_dir / FAITHFULNESS_FILE)
+    compress = read_optional_json(output_dir / COMPRESS_FILE)
     figures = render_figures(output_dir, summary_path=summary_path, figures_dir=figures_dir)
     if summary_path is None and (output_dir / SUMMARY_FILE).is_file():
         summary_path = output_dir / SUMMARY_FILE
@@ -149,12 +203,17 @@ def write_report(
         model_id=(meta or {}).get('model_id', output_dir.name),
         facts=_facts(meta),
         css=template_text('report/style.css'),
-        sentences=summary_sentences(all_results, metrics, background, importance),
+        sentences=summary_sentences(all_results, metrics, background, importance, faithfulness=faithfulness)
+        + (compression_sentences(compress)[:1] if compress is not None else []),
         figures=figure_data_uris(figures),
         classification=_classification(all_results),
-        attention=_attention(output_dir, metrics, meta),
+        attention=_attention(output_dir, metrics, meta, summary_path),
+        explorer=explorer_section(summary_path, str(output_dir)),
         background=_background(output_dir, background),
         importance=_importance(output_dir, importance),
+        compression=_compression(output_dir, compress),
+        faithfulness=_faithfulness(output_dir, faithfulness, metrics),
+        change=_change(read_optional_json(output_dir / CHANGE_FILE)),
     )
     path = output_dir / REPORT_FILE
     write_text(path, page)

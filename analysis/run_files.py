@@ -8,7 +8,12 @@ One place knows the layout that `train_hf.py` writes and the report, the card an
     data_report.json                    images skipped before training
     attentions.safetensors              the attention summary (`analysis.summary`)
     attention_metrics.json              per-layer / per-head attention metrics
+    attentions_start.safetensors,       the same, of the weights training started from (before fine-tuning)
+      attention_metrics_start.json
+    attention_change.json               what training changed in the attention, layer by layer
     background.json, importance.json    the optional studies
+    compress.json                       what `python -m analysis compress` kept and measured (compressed runs)
+    faithfulness.json                   deletion / insertion scores of every attention map
     figures/*.png, report.html          the pictures and the report
     README.md                           the model card
 """
@@ -23,8 +28,13 @@ RUN_CONFIG_FILE = 'run_config.json'
 DATA_REPORT_FILE = 'data_report.json'
 SUMMARY_FILE = 'attentions.safetensors'
 METRICS_FILE = 'attention_metrics.json'
+START_SUMMARY_FILE = 'attentions_start.safetensors'
+START_METRICS_FILE = 'attention_metrics_start.json'
+CHANGE_FILE = 'attention_change.json'
 BACKGROUND_FILE = 'background.json'
 IMPORTANCE_FILE = 'importance.json'
+COMPRESS_FILE = 'compress.json'
+FAITHFULNESS_FILE = 'faithfulness.json'
 FIGURES_DIR = 'figures'
 REPORT_FILE = 'report.html'
 CARD_FILE = 'README.md'

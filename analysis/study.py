@@ -1,16 +1,27 @@
 """The background-bias study: does a ViT trained where the background predicts the class use it?
 
-Two models are trained with `train_hf.main` on synthetic flowers, from the configs
-``configs/study_correlated.json`` (class c mostly on background family c) and
-``configs/study_random.json`` (background independent of the class). The two configs differ
-only in ``synthetic_background`` and ``output_dir``: same seed, same data size, same budget.
-Each model then goes through the background study (`analysis.background`) and the layer/head
-importance study (`analysis.importance`) on its own test split, and the two are compared:
+Four models are trained with the training job (`analysis.training.run`) on synthetic flowers, in two
+pairs. Within a pair the configs differ only in ``synthetic_background`` (``correlated``: class c
+mostly on background family c; ``random``: background independent of the class) and ``output_dir``:
+same seed, same data size, same budget.
 
-    OUT/correlated/, OUT/random/    training runs (+ background.json, importance.json, report.html
-                                     with figures/background.png and figures/importance.png)
+* from scratch: ``configs/study_correlated.json``, ``configs/study_random.json`` (the base's
+  architecture, random weights, 12 epochs);
+* fine-tuned from the same pretrained base (``base:shapes``, as the demo):
+  ``configs/study_finetuned_correlated.json``, ``configs/study_finetuned_random.json`` (4 epochs).
+
+Each model then goes through the background study (`analysis.background`), the layer/head
+importance study (`analysis.importance`) and the faithfulness scores (`analysis.faithfulness`) on
+its own test split; each fine-tuned model is also compressed (`analysis.compress`). Within each pair
+the study compares the two models, and, per layer, how far training moved the CLS attention off the
+flower (`attention_change.compare_runs` on each run's ``attention_change.json``: start vs end of
+training, with standard errors):
+
+    OUT/<model>/                     training runs (+ background.json, importance.json,
+                                     faithfulness.json, report.html with their figures)
+    OUT/<model>_compressed/          the compressed fine-tuned models (`python -m analysis compress`)
     OUT/configs/{name}.json          the exact configs trained (output_dir pointed into OUT)
-    OUT/study.json, OUT/study.md     the comparison table
+    OUT/study.json, OUT/study.md     the comparison tables
 
 Reliance on the background shows as a larger ``bg_gap``, a lower fg_lift and a higher
 ``only_bg_t`` accuracy for the correlated model. The study reports what it measures; it does not
@@ -28,23 +39,47 @@ import numpy as np
 from data_scripts import load_flower_dataset
 from data_scripts.files import write_json, write_text
 
+from .attention_change import compare_runs
 from .background import background_study
+from .compress import compress_run
+from .compress import study_summary as compress_summary
+from .faithfulness import faithfulness_to_dir
+from .faithfulness import study_summary as faithfulness_summary
 from .findings import fmt
 from .importance import importance_study
 from .modeling import TimmViTForImageClassification
 from .report import write_report
 from .resources import config_file
-from .training import parse_args, run
+from .run_files import CHANGE_FILE, FAITHFULNESS_FILE, read_json
+from .training import DEMO_BASE, base_config, parse_args, run
 
 _logger = logging.getLogger(__name__)
 
-MODELS = ('correlated', 'random')
-# quick=True: a smoke run of the whole pipeline (minutes -> seconds); the numbers mean nothing.
+# {pair: (correlated model, random model)}; a model's name is its config's: configs/study_<name>.json.
+PAIRS = {'from scratch': ('correlated', 'random'),
+         'fine-tuned from the base': ('finetuned_correlated', 'finetuned_random')}
+MODELS = tuple(name for pair in PAIRS.values() for name in pair)
+COMPRESSED = PAIRS['fine-tuned from the base']
+FAITHFULNESS_IMAGES = 100  # test images scored per model (each takes ~240 forward passes)
+# quick=True: a smoke run of the whole pipeline (minutes -> seconds); the numbers mean nothing. The
+# base is replaced by a 2-block one trained for 5 steps (its config goes to OUT/configs/base_quick.json).
 QUICK_OVERRIDES = {
     'synthetic_train_per_class': 8, 'synthetic_validation_per_class': 2, 'synthetic_test_per_class': 4,
     'max_steps': 5, 'per_device_train_batch_size': 16, 'eval_strategy': 'no', 'save_strategy': 'no',
-    'model_args': '{"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3}',
 }
+QUICK_BASE_OVERRIDES = {
+    **QUICK_OVERRIDES, 'synthetic_num_classes': 4,
+    'model_args': '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3}',
+}
+
+
+def quick_base(output_dir: Path) -> str:
+    """``base:<OUT/configs/base_quick.json>``: the demo base's config on a smoke-test budget."""
+    config = dict(base_config(DEMO_BASE)[1])
+    config.update(QUICK_BASE_OVERRIDES, cache_dir=str(output_dir / 'datasets_cache'))
+    path = output_dir / 'configs' / 'base_quick.json'
+    write_json(path, config)
+    return f'base:{path}'
 
 
 def study_config(name: str, output_dir: Path, quick: bool = False) -> Dict:
@@ -54,22 +89,25 @@ def study_config(name: str, output_dir: Path, quick: bool = False) -> Dict:
     if quick:
         config.update(QUICK_OVERRIDES)
         config['cache_dir'] = str(output_dir / 'datasets_cache')
+        if config['model_name_or_path'] == DEMO_BASE:
+            config['model_name_or_path'] = quick_base(output_dir)
     return config
 
 
 def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size: int = 128,
-                  pruning_seconds: Optional[float] = 300.0) -> Dict:
-    """Background and importance study of one trained model; writes them next to the model.
+                  pruning_seconds: Optional[float] = 300.0, faithfulness_images: int = FAITHFULNESS_IMAGES) -> Dict:
+    """Background, importance and faithfulness studies of one trained model; writes them next to the model.
 
     Args:
         run_dir: the training output directory.
         config_path: the JSON config it was trained from (gives the dataset).
-        seed: seed of the background donors and of the probes.
+        seed: seed of the background donors, of the probes and of the faithfulness sample.
         batch_size: images per forward pass.
         pruning_seconds: time cap of greedy head pruning.
+        faithfulness_images: test images the faithfulness scores use, unless the training job scored them.
 
     Returns:
-        ``{"background": ..., "importance": ..., "seconds": {...}}``.
+        ``{"background": ..., "importance": ..., "faithfulness": ..., "seconds": {...}}``.
     """
     _, data_args, _ = parse_args([str(config_path)])
     dataset = load_flower_dataset(data_args)
@@ -88,16 +126,26 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
     seconds['importance'] = time.time() - start
     write_json(run_dir / 'importance.json', importance)
 
-    # The report renders every figure of the run, background.png and importance.png included.
+    start = time.time()
+    if (run_dir / FAITHFULNESS_FILE).is_file():  # the training job scored its maps already
+        faithfulness = read_json(run_dir / FAITHFULNESS_FILE)
+    else:
+        faithfulness = read_json(faithfulness_to_dir(model, dataset['test'], run_dir, max_images=faithfulness_images,
+                                                     batch_size=batch_size, seed=seed, model_id=run_dir.name,
+                                                     progress=False))
+    seconds['faithfulness'] = time.time() - start
+
+    # The report renders every figure of the run, the studies' included.
     write_report(run_dir)
-    return {'background': background, 'importance': importance, 'seconds': seconds}
+    return {'background': background, 'importance': importance, 'faithfulness': faithfulness, 'seconds': seconds}
 
 
 def _mean(values: List[float]) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
-def summarise(name: str, test_accuracy: float, background: Dict, importance: Dict) -> Dict:
+def summarise(name: str, test_accuracy: float, background: Dict, importance: Dict,
+              faithfulness: Optional[Dict] = None) -> Dict:
     """The numbers of one model that go into the comparison table."""
     lift = background['variants'].get('original', {}).get('fg_lift') or []
     pruning = importance['greedy_pruning']
@@ -112,15 +160,17 @@ def summarise(name: str, test_accuracy: float, background: Dict, importance: Dic
         'num_prunable_heads': pruning['num_prunable'],
         'num_heads': pruning['num_heads'],
         'num_images': background['num_images'],
+        'faithfulness': faithfulness_summary(faithfulness) if faithfulness else None,
     }
 
 
 def study_markdown(study: Dict) -> str:
-    """The comparison table (and the verdict on each expected effect) as Markdown."""
+    """The comparison tables (and the verdict on each expected effect) as Markdown."""
     rows = study['models']
     names = [r['model'] for r in rows]
     lines = ['# Background-bias study: correlated vs random backgrounds', '',
-             f'Both models: same config and seed, differing only in `synthetic_background`. '
+             'Two pairs of models; within a pair, same config and seed, differing only in `synthetic_background`: '
+             + '; '.join(f'{pair}: {" vs ".join(models)}' for pair, models in PAIRS.items()) + '. '
              f'Wall time {study["wall_time_s"]:.0f} s ({"quick smoke run: the numbers mean nothing" if study["quick"] else "full run"}).',
              '', '| measure | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
 
@@ -137,23 +187,49 @@ def study_markdown(study: Dict) -> str:
     for layer in range(num_layers):
         row(f'probe accuracy, layer {layer + 1}', [fmt(r['probe_accuracy'][layer]) for r in rows])
     row('heads prunable within 1 point', [f'{r["num_prunable_heads"]} / {r["num_heads"]}' for r in rows])
+    if all(r.get('faithfulness') for r in rows):
+        row('most faithful map (deletion vs insertion AUC)', [r['faithfulness']['most_faithful'] for r in rows])
+        row('its insertion - deletion AUC', [fmt(r['faithfulness']['difference']) for r in rows])
+        row('background share of its top relevance', [fmt(r['faithfulness']['background_share']) for r in rows])
+    compressed = study.get('compression') or {}
+    if compressed:
+        row('compression: blocks kept', [f'{compressed[n]["num_kept"]} / {compressed[n]["num_blocks"]}'
+                                         if n in compressed else '' for n in names])
+        row('compression: CPU speed-up', [fmt(compressed[n]['speedup']) if n in compressed else '' for n in names])
+        row('compression: test macro F1 (full -> compressed)',
+            [f'{fmt(compressed[n]["test_macro_f1_full"])} -> {fmt(compressed[n]["test_macro_f1_compressed"])}'
+             if n in compressed else '' for n in names])
     lines += ['', 'Layers are numbered from 1 (closest to the pixels). Expected if the correlated model relies '
-              'on the background (SE: binomial standard error of the difference, over the test images):', '']
-    for check in study['checks']:
-        verdict = {True: 'yes', False: 'NO', None: 'n/a'}[check['holds']]
-        if check.get('se') is not None and check['holds'] is not None:
-            difference = check['correlated'] - check['random']
-            noise = 'beyond' if abs(difference) > 2 * check['se'] else 'within'
-            verdict += f' (difference {difference:+.3f}, {noise} 2 SE = {2 * check["se"]:.3f})'
-        lines.append(f'- {check["claim"]}: correlated {fmt(check["correlated"])}, random {fmt(check["random"])} '
-                     f'-> {verdict}')
+              'on the background (SE: binomial standard error of the difference, over the test images):']
+    for pair, checks in study['checks'].items():
+        lines += ['', f'**{pair}**', '']
+        for check in checks:
+            verdict = {True: 'yes', False: 'NO', None: 'n/a'}[check['holds']]
+            if check.get('se') is not None and check['holds'] is not None:
+                difference = check['correlated'] - check['random']
+                noise = 'beyond' if abs(difference) > 2 * check['se'] else 'within'
+                verdict += f' (difference {difference:+.3f}, {noise} 2 SE = {2 * check["se"]:.3f})'
+            lines.append(f'- {check["claim"]}: correlated {fmt(check["correlated"])}, random {fmt(check["random"])} '
+                         f'-> {verdict}')
+    lines += ['', '## Did training move attention off the flower more on correlated backgrounds?', '',
+              'Per layer, the change of the CLS attention share on the flower (fg_ratio, end of training minus '
+              'start, mean over test images) of the correlated and of the random model, their difference and its '
+              'standard error; "correlated moved off more" when the difference is below -2 SE.']
+    for pair, comparison in study['attention_change'].items():
+        lines += ['', f'**{pair}**', '', '| layer | correlated | random | difference | SE | verdict |',
+                  '|---|---|---|---|---|---|']
+        for layer, entry in enumerate(comparison['layers'], start=1):
+            verdict = {'a moved off the flower more': 'correlated moved off more',
+                       'b moved off the flower more': 'random moved off more'}.get(entry['verdict'], entry['verdict'])
+            lines.append(f'| {layer} | {entry["a"]:+.4f} | {entry["b"]:+.4f} | {entry["difference"]:+.4f} | '
+                         f'{entry["se"]:.4f} | {verdict} |')
     return '\n'.join(lines) + '\n'
 
 
-def compare(rows: List[Dict]) -> List[Dict]:
-    """Whether each expected sign of background reliance shows (correlated vs random)."""
+def compare(rows: List[Dict], correlated: str = 'correlated', random: str = 'random') -> List[Dict]:
+    """Whether each expected sign of background reliance shows (the correlated model vs the random one)."""
     by_name = {r['model']: r for r in rows}
-    c, r = by_name['correlated'], by_name['random']
+    c, r = by_name[correlated], by_name[random]
 
     def check(claim, a, b, larger: bool, se=None):
         holds = None if a is None or b is None else (a > b if larger else a < b)
@@ -177,22 +253,25 @@ def compare(rows: List[Dict]) -> List[Dict]:
 
 def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed: int = 0,
               batch_size: int = 128) -> Dict:
-    """Trains the correlated and the random model, studies both and writes the comparison.
+    """Trains the four models, studies them, compresses the fine-tuned pair and writes the comparison.
 
     Args:
         output_dir: the study folder ``OUT`` (created).
-        quick: tiny data, a 2-block model and 5 training steps, to test the pipeline end to end.
-        seed: seed of the background donors and of the probes (training seeds come from the configs).
+        quick: tiny data, 2-block models and 5 training steps, to test the pipeline end to end.
+        seed: seed of the background donors, of the probes and of the faithfulness sample (training seeds
+            come from the configs).
         batch_size: images per forward pass in the studies.
 
     Returns:
-        The content of ``OUT/study.json``: ``{"models": [row per model], "checks": [...], "seconds":
-        {model: {"train", "background", "importance"}}, "wall_time_s", "quick"}``.
+        The content of ``OUT/study.json``: ``{"models": [row per model], "checks": {pair: [...]},
+        "attention_change": {pair: compare_runs(correlated, random)}, "compression": {model: summary},
+        "seconds": {model: {"train", "background", "importance", "faithfulness", "compress"}},
+        "wall_time_s", "quick"}``.
     """
     output_dir = Path(output_dir)
     (output_dir / 'configs').mkdir(parents=True, exist_ok=True)
     start = time.time()
-    rows, seconds = [], {}
+    rows, seconds, compression = [], {}, {}
     for name in MODELS:
         config = study_config(name, output_dir, quick)
         config_path = output_dir / 'configs' / f'{name}.json'
@@ -202,11 +281,27 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         test_metrics = run(*parse_args([str(config_path)]))
         train_s = time.time() - t0
         result = analyse_model(Path(config['output_dir']), config_path, seed=seed, batch_size=batch_size,
-                               pruning_seconds=30.0 if quick else 300.0)
+                               pruning_seconds=30.0 if quick else 120.0,
+                               faithfulness_images=8 if quick else FAITHFULNESS_IMAGES)
         seconds[name] = {'train': train_s, **result['seconds']}
-        rows.append(summarise(name, float(test_metrics['test_accuracy']), result['background'], result['importance']))
-    study = {'models': rows, 'checks': compare(rows), 'seconds': seconds,
-             'wall_time_s': time.time() - start, 'quick': quick}
+        rows.append(summarise(name, float(test_metrics['test_accuracy']), result['background'],
+                              result['importance'], result['faithfulness']))
+        if name in COMPRESSED:
+            t0 = time.time()
+            quick_options = {'flags': ['--max_steps', '5'], 'selection_images': 16, 'speed_rounds': 1}
+            compressed = compress_run(config['output_dir'], output_dir / f'{name}_compressed',
+                                      **(quick_options if quick else {}))
+            seconds[name]['compress'] = time.time() - t0
+            compression[name] = compress_summary(compressed)
+    runs = {name: output_dir / name for name in MODELS}
+    study = {
+        'models': rows,
+        'checks': {pair: compare(rows, *models) for pair, models in PAIRS.items()},
+        'attention_change': {pair: compare_runs(read_json(runs[c] / CHANGE_FILE), read_json(runs[r] / CHANGE_FILE))
+                             for pair, (c, r) in PAIRS.items()},
+        'compression': compression,
+        'seconds': seconds, 'wall_time_s': time.time() - start, 'quick': quick,
+    }
     write_json(output_dir / 'study.json', study)
     write_text(output_dir / 'study.md', study_markdown(study))
     _logger.info(f'study written to {output_dir / "study.md"} in {study["wall_time_s"]:.0f} s')

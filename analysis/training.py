@@ -2,10 +2,12 @@
 
 `train_hf.py` is its command line; the background study and the base-model cache run it too.
 """
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,7 @@ import numpy as np
 import timm
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -25,69 +28,95 @@ from data_scripts.files import write_json
 from data_scripts.hub import check_hub_access, resolve_token
 from data_scripts.hygiene import unusable_message
 
+from .attention_change import attention_change
 from .card import render_model_card
-from .extract import extract_to_dir
+from .explorer import FULL_MAPS
+from .extract import extract_and_score
+from .faithfulness import JOB_MAX_IMAGES as FAITHFULNESS_JOB_IMAGES
+from .faithfulness import faithfulness_to_dir
 from .hub import push_output_dir
 from .metrics import classification_metrics
-from .modeling import TimmViTForImageClassification, looks_like_local_path
+from .modeling import TimmViTForImageClassification, checkpoint_dir, init_from_checkpoint, looks_like_local_path
 from .report import write_report
 from .resources import config_file, config_names
+from .run_files import (CHANGE_FILE, CONFIG_FILE, METRICS_FILE, START_METRICS_FILE, START_SUMMARY_FILE, SUMMARY_FILE,
+                        WEIGHTS_FILE, read_json)
 from .transforms import SeededAugmentation, batch_transform, collate, eval_transform, model_data_config, train_transform
 
 logger = logging.getLogger(__name__)
 
-# The embedded demo's ViT: 12 blocks of width 96 on 64 px images in 8 px patches, trained from scratch.
-DEMO_MODEL = 'vit_tiny_patch16_224'
-DEMO_MODEL_ARGS = {'img_size': 64, 'patch_size': 8, 'embed_dim': 96, 'depth': 12, 'num_heads': 3}
+BASE_PREFIX = 'base:'  # base:<packaged config name, or a config .json>: a model trained from that config, cached
+DEMO_BASE = 'base:shapes'  # configs/base_shapes.json: the demo's pretrained backbone (synthetic shapes)
+CACHE_ENV = 'FLOWER_VIT_LENS_CACHE'
+# The demo base is trained on 32-px shapes (4x cheaper steps) and fine-tuned at the flowers' 64 px, as
+# ImageNet ViTs are fine-tuned above their pretraining resolution: timm resamples the position embedding.
+DEMO_MODEL_ARGS = {'img_size': 64}
+BASE_CACHE_VERSION = 1  # part of the cache key: bump when building a base changes
 
 
 @dataclass
 class ModelArguments:
-    """Which model to fine-tune. Defaults are the embedded demo's small ViT."""
+    """Which model to fine-tune. Defaults are the embedded demo's: fine-tune the synthetic-shapes base."""
     model_name_or_path: str = field(
-        default=DEMO_MODEL,
-        metadata={'help': 'timm model name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k), a Hub repo id, '
-                          'or the output directory of an earlier run.'})
+        default=DEMO_BASE,
+        metadata={'help': 'Where training starts: a timm model name (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k), '
+                          'the output directory of an earlier run or a Hub repo id (a model trained on other classes '
+                          'gets a new head), or base:<config> (a model trained from a packaged config, e.g. '
+                          f'{DEMO_BASE}, built on first use and cached in ~/.cache/flower_vit_lens or ${CACHE_ENV}).'})
     pretrained: bool = field(
-        default=False,
-        metadata={'help': 'Load timm pretrained weights (from the Hub) for a timm model name. '
-                          'The embedded demo trains from scratch.'})
+        default=True,
+        metadata={'help': 'Start from the weights of --model_name_or_path (timm\'s pretrained weights for a timm '
+                          'name); false: the same architecture with random weights (training from scratch).'})
     model_args: Optional[str] = field(
         default=None,
-        metadata={'help': 'JSON dict of extra timm.create_model arguments (depth, img_size, patch_size, '
-                          'drop_path_rate, ...). Default: the demo\'s small ViT shape for the default model '
-                          'trained from scratch, none (the model as timm defines it) otherwise.'})
+        metadata={'help': 'JSON dict of timm.create_model arguments (depth, img_size, drop_path_rate, ...); for a '
+                          'checkpoint they override its own and must not change the shape of its tensors (img_size '
+                          f'may: the position embedding is resampled). Default: {json.dumps(DEMO_MODEL_ARGS)} for '
+                          f'{DEMO_BASE}, none otherwise.'})
     min_crop_scale: float = field(
         default=0.6,
         metadata={'help': 'Lower bound of the random-resized-crop area in training (timm uses 0.08; small '
-                          'crops cut the petals a from-scratch model must learn, so the demo keeps 0.6).'})
+                          'crops cut the petals the demo\'s small model must see, so the demo keeps 0.6).'})
     analysis_batches: Optional[int] = field(
         default=None,
         metadata={'help': 'Attention extraction after training: at most this many test batches (default: all).'})
+    color_jitter: float = field(
+        default=0.0,
+        metadata={'help': 'Strength of the training colour jitter (brightness, contrast, saturation); timm uses '
+                          '0.4, the demo 0: its synthetic species differ in colour, which the jitter blurs.'})
+    faithfulness_images: int = field(
+        default=FAITHFULNESS_JOB_IMAGES,
+        metadata={'help': 'After training, score the faithfulness of the attention maps (deletion / insertion) on '
+                          'this many test images (0: skip; python -m analysis faithfulness scores more).'})
 
     def __post_init__(self):
-        if self.model_args is None:
-            demo = self.model_name_or_path == DEMO_MODEL and not self.pretrained
-            self.model_args = json.dumps(DEMO_MODEL_ARGS if demo else {})
         try:
             parsed = json.loads(self.model_args) if isinstance(self.model_args, str) else (self.model_args or {})
         except json.JSONDecodeError as e:
             raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}: {e}') from e
         if not isinstance(parsed, dict):
             raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}')
+        if self.model_args is None and self.model_name_or_path == DEMO_BASE:
+            parsed = dict(DEMO_MODEL_ARGS)
         self.model_args = json.dumps(parsed)
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f'--min_crop_scale must be in (0, 1], got {self.min_crop_scale}')
+        if self.color_jitter < 0:
+            raise ValueError(f'--color_jitter must be >= 0 (0: no jitter), got {self.color_jitter}')
+        if self.faithfulness_images < 0:
+            raise ValueError(f'--faithfulness_images must be >= 0 (0 skips the scores), got {self.faithfulness_images}')
         if self.analysis_batches is not None and self.analysis_batches < 1:
             raise ValueError(f'--analysis_batches must be >= 1 (or left out for all), got {self.analysis_batches}')
         name = self.model_name_or_path
-        if looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        if name.startswith(BASE_PREFIX):
+            base_config(name)  # raises if there is no such config
+        elif looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
             raise FileNotFoundError(
                 f'--model_name_or_path {name} is not a folder: give the output directory of an earlier run, '
-                'a Hub repo id (user/name) or a timm model name.')
-        if '/' not in name and not os.path.isdir(name) and not timm.is_model(name):
-            raise ValueError(f'--model_name_or_path {name} is not a timm model name, a folder or a Hub repo id '
-                             '(user/name); see timm.list_models("vit_*").')
+                'a Hub repo id (user/name), a timm model name or base:<config>.')
+        elif '/' not in name and not os.path.isdir(name) and not timm.is_model(name):
+            raise ValueError(f'--model_name_or_path {name} is not a timm model name, a folder, a Hub repo id '
+                             '(user/name) or base:<config>; see timm.list_models("vit_*").')
 
     @property
     def timm_kwargs(self) -> Dict:
@@ -102,7 +131,7 @@ class FlowerTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.05, metadata={'help': 'AdamW weight decay.'})
     warmup_steps: float = field(default=0.05, metadata={'help': 'Warmup steps, or a ratio of all steps if < 1.'})
     lr_scheduler_type: str = field(default='cosine', metadata={'help': 'Learning-rate schedule.'})
-    num_train_epochs: float = field(default=12.0, metadata={'help': 'Training epochs.'})
+    num_train_epochs: float = field(default=4.0, metadata={'help': 'Training epochs.'})
     per_device_train_batch_size: int = field(default=64, metadata={'help': 'Batch size per device for training.'})
     per_device_eval_batch_size: int = field(default=128, metadata={'help': 'Batch size per device for evaluation.'})
     eval_strategy: str = field(default='epoch', metadata={'help': 'When to evaluate on the validation split.'})
@@ -143,6 +172,12 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataAr
     if argv and argv[0].endswith('.json'):
         parser.set_defaults(**read_config(argv.pop(0), {action.dest for action in parser._actions}))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_config(config: Dict, **overrides) -> Tuple[ModelArguments, DataArguments, FlowerTrainingArguments]:
+    """The three argument dataclasses from a config dict (``{flag: value}``), with ``overrides`` on top."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlowerTrainingArguments))
+    return parser.parse_dict({**config, **overrides})
 
 
 def read_config(path: str, known: set) -> Dict:
@@ -245,24 +280,112 @@ def load_data(data_args: DataArguments, training_args: TrainingArguments) -> dat
     return dataset
 
 
-def build_model(model_args: ModelArguments, class_names: List[str]) -> TimmViTForImageClassification:
-    """The ViT to train: a timm name with a fresh head for the classes, or an earlier run's model."""
-    name = model_args.model_name_or_path
-    if timm.is_model(name):
-        return TimmViTForImageClassification.from_timm(
-            name, pretrained=model_args.pretrained, label_names=class_names, model_args=model_args.timm_kwargs)
-    model = TimmViTForImageClassification.from_pretrained(name)
-    if model.class_names != class_names:
-        raise ValueError(
-            f'{name} was trained for classes {model.class_names}, the dataset has {class_names}; '
-            'start from a timm model name to get a new head.')
-    return model
+def base_config(name: str) -> Tuple[str, Dict]:
+    """The training config behind ``base:<config>``: a packaged ``configs/base_<config>.json`` or a ``.json`` path.
+
+    Returns:
+        ``(short name, config dict)``.
+    """
+    ref = name[len(BASE_PREFIX):]
+    if ref.endswith('.json'):
+        path, short = ref, Path(ref).stem
+    else:
+        path, short = f'configs/base_{ref}.json', ref
+        if Path(path).name not in config_names():
+            bases = [n[len('base_'):-len('.json')] for n in config_names() if n.startswith('base_')]
+            raise FileNotFoundError(f'{name}: no packaged config {Path(path).name}; packaged bases: '
+                                    f'{", ".join(BASE_PREFIX + b for b in bases)}, or give base:<path to a config .json>')
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlowerTrainingArguments))
+    return short, read_config(path, {action.dest for action in parser._actions})
+
+
+def cache_root() -> Path:
+    """Where built bases are kept: $FLOWER_VIT_LENS_CACHE, else ~/.cache/flower_vit_lens."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'flower_vit_lens')
+
+
+def base_cache_dir(name: str) -> Path:
+    """The cache folder of ``base:<config>``, keyed by the config's content (as datasets keys a generated set)."""
+    short, config = base_config(name)
+    blob = json.dumps({'config': config, 'cache_version': BASE_CACHE_VERSION}, sort_keys=True)
+    return cache_root() / 'bases' / f'{short}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}'
+
+
+def ensure_base(name: str) -> Path:
+    """The checkpoint folder of ``base:<config>``, trained from its config on first use and cached.
+
+    The base is trained by this same job (`run`: its own data_report, report and model card) into
+    ``<key>.partial`` and renamed to ``<key>`` when it is complete, so a killed build never leaves a
+    half-written cache entry; the next build resumes from the partial run's last checkpoint. Every
+    process of a distributed run takes part in the build; the main process renames.
+    """
+    final = base_cache_dir(name)
+    if (final / CONFIG_FILE).is_file() and (final / WEIGHTS_FILE).is_file():
+        logger.info(f'{name}: using the cached base model {final}')
+        return final
+    partial = final.with_name(final.name + '.partial')
+    logger.warning(f'{name}: building the base model (first use); it will be cached in {final}')
+    _, config = base_config(name)
+    run(*parse_config(config, output_dir=str(partial)))
+    state = PartialState()
+    if state.is_main_process:
+        try:
+            os.rename(partial, final)
+        except OSError:  # a concurrent build finished first: keep its result
+            if not (final / WEIGHTS_FILE).is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+    state.wait_for_everyone()
+    return final
+
+
+def resolve_start(model_args: ModelArguments) -> Tuple[str, Dict]:
+    """Where training starts, as a timm name or a checkpoint folder, and the timm arguments to build it with.
+
+    ``base:<config>`` is resolved to its cached checkpoint (built on first use), or, without
+    ``--pretrained``, to the base's architecture alone (nothing is built).
+    """
+    name, overrides = model_args.model_name_or_path, model_args.timm_kwargs
+    if name.startswith(BASE_PREFIX) and not model_args.pretrained:
+        base_model_args = parse_config(base_config(name)[1], output_dir='unused')[0]
+        return base_model_args.model_name_or_path, {**base_model_args.timm_kwargs, **overrides}
+    if name.startswith(BASE_PREFIX):
+        return str(ensure_base(name)), overrides
+    return name, overrides
+
+
+def build_model(model_args: ModelArguments, class_names: List[str], start_name: str,
+                overrides: Dict) -> Tuple[TimmViTForImageClassification, Dict]:
+    """The model to train, and where its weights come from (``run_config.json`` records it as ``start``).
+
+    A timm name builds timm's model (with timm's pretrained weights when ``--pretrained``); a checkpoint
+    (an output directory, a Hub repo id, a built base) gives its backbone, with a new head unless it was
+    trained for exactly these classes (`modeling.init_from_checkpoint`).
+    """
+    if timm.is_model(start_name):
+        model = TimmViTForImageClassification.from_timm(start_name, pretrained=model_args.pretrained,
+                                                        label_names=class_names, model_args=overrides)
+        head = {f'{model.timm_model.pretrained_cfg.get("classifier", "head")}.{p}' for p in ('weight', 'bias')}
+        tensors = sorted(model.timm_model.state_dict())
+        start = {'timm_model': start_name, 'pretrained': model_args.pretrained,
+                 'loaded': [k for k in tensors if k not in head] if model_args.pretrained else [],
+                 'initialised': sorted(head) if model_args.pretrained else tensors}
+    else:
+        model, start = init_from_checkpoint(checkpoint_dir(start_name), class_names,
+                                            pretrained=model_args.pretrained, model_args=overrides)
+    start['model_name_or_path'] = model_args.model_name_or_path
+    loaded, initialised = start['loaded'], start['initialised']
+    logger.info(f'Model from {model_args.model_name_or_path}: {len(loaded)} tensors loaded'
+                + (f' ({", ".join(loaded[:3])}, ...)' if loaded else '')
+                + f'; {len(initialised)} newly initialised'
+                + (f': {", ".join(initialised)}' if len(initialised) <= 4 else ' (random weights)'))
+    return model, start
 
 
 def attach_transforms(dataset: datasets.DatasetDict, data_config: Dict, min_crop_scale: float,
-                      seed: int) -> SeededAugmentation:
+                      seed: int, color_jitter: float = 0.4) -> SeededAugmentation:
     """timm's training augmentation on the train split (seeded per sample), its eval transform elsewhere."""
-    augmentation = SeededAugmentation(train_transform(data_config, min_crop_scale), seed)
+    augmentation = SeededAugmentation(train_transform(data_config, min_crop_scale, color_jitter), seed)
     dataset['train'] = dataset['train'].add_column('sample_index', list(range(len(dataset['train']))))
     dataset['train'].set_transform(batch_transform(augmentation), columns=['image', 'label', 'sample_index'])
     for split in dataset:
@@ -292,13 +415,14 @@ def evaluate_test(trainer: Trainer, dataset: datasets.DatasetDict, class_names: 
     return metrics
 
 
-def save_run_config(model_args, data_args, training_args, train_runtime: float) -> None:
+def save_run_config(model_args, data_args, training_args, train_runtime: float, start: Dict) -> None:
     """The resolved configuration, next to the weights (nanoGPT habit)."""
     device = str(training_args.device)
     if torch.cuda.is_available():
         device = f'{device}:{torch.cuda.get_device_name()}'
     config = {
         'model': asdict(model_args) | {'model_args': model_args.timm_kwargs},
+        'start': start,
         'data': asdict(data_args),
         'training': training_args.to_dict(),
         'environment': {
@@ -335,7 +459,7 @@ def build_trainer(model: TimmViTForImageClassification, dataset: datasets.Datase
     """
     class_names = model.class_names
     augmentation = attach_transforms(dataset, model_data_config(model.timm_model), model_args.min_crop_scale,
-                                     training_args.seed)
+                                     training_args.seed, model_args.color_jitter)
     return trainer_class(
         **trainer_kwargs,
         model=model,
@@ -364,30 +488,71 @@ def train(trainer: Trainer, training_args: TrainingArguments) -> float:
     return time.time() - start
 
 
-def evaluate(trainer: Trainer, dataset: datasets.DatasetDict) -> Dict:
-    """Validation metrics, then the test split's full scikit-learn report into all_results.json."""
+def validate(trainer: Trainer) -> Dict:
+    """Validation metrics (eval_results.json)."""
     eval_metrics = trainer.evaluate()
     trainer.log_metrics('eval', eval_metrics)
     trainer.save_metrics('eval', eval_metrics)
-    test_metrics = evaluate_test(trainer, dataset, trainer.model.class_names)
+    return eval_metrics
+
+
+def save_test_metrics(trainer: Trainer, test_metrics: Dict) -> None:
+    """The test split's full scikit-learn report into test_results.json and all_results.json."""
     trainer.log_metrics('test', {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))})
     trainer.save_metrics('test', test_metrics)
+
+
+def evaluate(trainer: Trainer, dataset: datasets.DatasetDict) -> Dict:
+    """Validation metrics, then the test split predicted by ``Trainer.predict`` and scored (no attention)."""
+    validate(trainer)
+    test_metrics = evaluate_test(trainer, dataset, trainer.model.class_names)
+    save_test_metrics(trainer, test_metrics)
+    return test_metrics
+
+
+def extract_attention(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
+                      data_args: DataArguments, training_args: TrainingArguments, *, stage: str) -> Dict:
+    """The attention summary and metrics of the scored split, at the ``start`` of training or at the ``end``.
+
+    One eager pass, sharded across the processes of a distributed run (the main process writes the
+    files); its logits are the predictions, so at the end it also gives the test scores.
+
+    Returns:
+        the scored split's metrics, as `evaluate_test` gives them (those of the start are discarded).
+    """
+    summary_file, metrics_file = {'start': (START_SUMMARY_FILE, START_METRICS_FILE),
+                                  'end': (SUMMARY_FILE, METRICS_FILE)}[stage]
+    split = scored_split(dataset)
+    extraction, test_metrics = extract_and_score(
+        model, dataset[split], training_args.output_dir, split=split, summary_file=summary_file,
+        metrics_file=metrics_file, sharded=True, batch_size=training_args.per_device_eval_batch_size,
+        max_batches=model_args.analysis_batches, model_id=model_args.model_name_or_path,
+        dataset_name=data_args.dataset_name, progress=not training_args.disable_tqdm,
+        num_workers=training_args.dataloader_num_workers,
+        full_maps=FULL_MAPS if stage == 'end' else 0)  # the report's explorer shows these images' full maps
+    logger.info(f'attention of the {stage} weights on {split} images -> {extraction.path}')
     return test_metrics
 
 
 def analyse(model, dataset, model_args, data_args, training_args) -> None:
-    """Attention summary and metrics on the test split, the HTML report and the model card."""
-    split = scored_split(dataset)
-    dataset[split].reset_format()
-    extract_to_dir(model, dataset[split], training_args.output_dir,
-                   batch_size=training_args.per_device_eval_batch_size, max_batches=model_args.analysis_batches,
-                   model_id=model_args.model_name_or_path, dataset_name=data_args.dataset_name, split=split)
-    write_report(training_args.output_dir)
-    render_model_card(training_args.output_dir, repo_id=training_args.hub_model_id)
+    """What training changed, the faithfulness scores, the report and the card (the summary is written)."""
+    output_dir = Path(training_args.output_dir)
+    if (output_dir / START_SUMMARY_FILE).is_file():
+        change = attention_change(output_dir / START_SUMMARY_FILE, output_dir / SUMMARY_FILE,
+                                  read_json(output_dir / START_METRICS_FILE), read_json(output_dir / METRICS_FILE))
+        write_json(output_dir / CHANGE_FILE, change)
+    if model_args.faithfulness_images:
+        faithfulness_to_dir(model, dataset[scored_split(dataset)], output_dir, max_images=model_args.faithfulness_images,
+                            batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed,
+                            split=scored_split(dataset), model_id=model_args.model_name_or_path,
+                            progress=not training_args.disable_tqdm)
+    write_report(output_dir)
+    render_model_card(output_dir, repo_id=training_args.hub_model_id)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: FlowerTrainingArguments) -> Dict:
-    """The whole job, in order: Hub pre-check, data, model, Trainer, train, evaluate, analyse, card, push.
+    """The whole job, in order: Hub pre-check, data, starting weights (and their attention), Trainer, train,
+    evaluate, analyse, card, push.
 
     Returns:
         the test metrics (as in all_results.json).
@@ -396,14 +561,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Flo
     repo_id, token = prepare_push(training_args)
 
     dataset = load_data(data_args, training_args)
+    start_name, overrides = resolve_start(model_args)  # may build (and cache) a base model first
     set_seed(training_args.seed)  # before the model: its new head (or all of it) is initialised at random
-    model = build_model(model_args, dataset['train'].features['label'].names)
+    model, start = build_model(model_args, dataset['train'].features['label'].names, start_name, overrides)
+    extract_attention(model, dataset, model_args, data_args, training_args, stage='start')
     trainer = build_trainer(model, dataset, model_args, training_args)
     train_runtime = train(trainer, training_args)
-    test_metrics = evaluate(trainer, dataset)
+    validate(trainer)
+    # One pass over the test split: the attention summary, and the predictions that score it.
+    test_metrics = extract_attention(trainer.model, dataset, model_args, data_args, training_args, stage='end')
+    save_test_metrics(trainer, test_metrics)
 
     if trainer.is_world_process_zero():
-        save_run_config(model_args, data_args, training_args, train_runtime)
+        save_run_config(model_args, data_args, training_args, train_runtime, start)
         analyse(model, dataset, model_args, data_args, training_args)
         if repo_id:
             push_output_dir(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),

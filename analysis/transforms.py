@@ -16,9 +16,10 @@ def model_data_config(vit: torch.nn.Module) -> Dict:
     return timm.data.resolve_model_data_config(vit)
 
 
-def train_transform(data_config: Dict, min_crop_scale: float = 0.08) -> Callable:
+def train_transform(data_config: Dict, min_crop_scale: float = 0.08, color_jitter: float = 0.4) -> Callable:
     """timm's training augmentation (random resized crop, flips, colour jitter) for the model."""
-    return timm.data.create_transform(**data_config, is_training=True, scale=(min_crop_scale, 1.0))
+    return timm.data.create_transform(**data_config, is_training=True, scale=(min_crop_scale, 1.0),
+                                      color_jitter=color_jitter)
 
 
 def eval_transform(data_config: Dict) -> Callable:

@@ -1,19 +1,35 @@
 """Attention extraction vs a plain inference pass, and peak memory for 200 vs 800 images.
 
-Throughput: `analysis.extract.extract_summary` (output_attentions, rollout, metrics, per-image
-rows) against a plain ``model(pixel_values)`` pass over the same split, same batches, same data
+Throughput: `analysis.extract.extract_to_file` (output_attentions, rollout, metrics, per-image
+rows streamed to the summary file) against a plain ``model(pixel_values)`` pass over the same split, same batches, same data
 loading, alternated in one process; the ratio is printed (target >= 0.7).
 
 Memory: extraction of 200 and of 800 images, each in a fresh process; peak RSS (ru_maxrss) of
 both and its growth are printed (target < 15%).
 
+Scale (``--scale``): a ViT-B/16-shaped model (timm ``vit_base_patch16_224``, random weights) at 224 px
+on synthetic flowers of 224 px with masks; peak RSS of ``extract`` (the summary file, streamed),
+``background`` (all six variants) and ``importance`` (probes, layer skipping; head ablation and
+pruning left out: they repeat the same streamed pass L x H times) for N and 4N images, each in a
+fresh process (peak: the kernel's high-water mark, reset once model and data are loaded); the growth
+from N to 4N is printed per command (target < 15%), with the peak above the resident size after loading.
+
     python bench/attention_throughput.py [--model outputs/synthetic_demo] [--repeats 2]
+    python bench/attention_throughput.py --scale [--scale_images 8] [--scale_batch_size 8] [--scale_classes 2]
+
+Processes (``--processes``): ``python -m analysis extract`` of a run's test split as one process with
+2 torch threads and with 1, against ``accelerate launch --multi_gpu --num_processes 2`` (CPU, gloo)
+with 1 thread per process, alternated; the extraction times (as the command prints them: shards and
+merge) and the command wall times (with start-up) are compared.
+
+    python bench/attention_throughput.py --processes --model outputs/synthetic_demo [--repeats 2]
 """
 import argparse
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +38,7 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.extract import extract_summary  # noqa: E402
+from analysis.extract import extract_to_file  # noqa: E402
 from analysis.modeling import TimmViTForImageClassification  # noqa: E402
 from analysis.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
 from data_scripts import DataArguments, load_flower_dataset  # noqa: E402
@@ -57,21 +73,134 @@ def inference_images_per_s(model, split, batch_size) -> float:
 
 
 def extract_images_per_s(model, split, batch_size) -> float:
-    start = time.perf_counter()
-    extract_summary(model, split, batch_size=batch_size, progress=False)
-    return len(split) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        extract_to_file(model, split, Path(tmp) / 'attentions.safetensors', batch_size=batch_size, progress=False)
+        return len(split) / (time.perf_counter() - start)
 
 
 def peak_rss_child(model_name, num_images, batch_size) -> int:
     """Runs one extraction in a fresh process; returns its peak RSS in MiB."""
     code = (f'import sys, json, resource; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ["x"]\n'
             f'from bench.attention_throughput import load\n'
-            f'from analysis.extract import extract_summary\n'
+            f'from analysis.extract import extract_to_file\n'
             f'model, split = load({model_name!r}, {num_images})\n'
-            f'extract_summary(model, split, batch_size={batch_size}, progress=False)\n'
+            f'extract_to_file(model, split, "/tmp/bench_attention_rss/attentions.safetensors", '
+            f'batch_size={batch_size}, progress=False)\n'
             f'print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1]) // 1024
+
+
+SCALE_COMMANDS = ('extract', 'background', 'importance')
+
+
+def scale_data_args(num_images: int, num_classes: int):
+    """Synthetic flowers at 224 px with at least ``num_images`` test and train images (generated once, cached)."""
+    per_class = -(-num_images // num_classes)
+    return DataArguments(synthetic_num_classes=num_classes, synthetic_image_size=224, synthetic_train_per_class=per_class,
+                         synthetic_validation_per_class=1, synthetic_test_per_class=per_class)
+
+
+def scale_child(command: str, num_images: int, data_images: int, batch_size: int, num_classes: int = 2) -> dict:
+    """One scale measurement in this (fresh) process: peak RSS of ``command`` on ``num_images`` images.
+
+    The peak is the kernel's high-water mark (VmHWM), reset after model and data are loaded (Linux
+    ``/proc/self/clear_refs``), so that building the model (two copies of its weights for a moment)
+    does not set it.
+    """
+    import gc
+
+    def status_mib(key: str) -> float:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ':')) / 1024
+
+    data_args = scale_data_args(data_images, num_classes)
+    dataset = load_flower_dataset(data_args)
+    names = dataset['test'].features['label'].names
+    torch.manual_seed(0)
+    model = TimmViTForImageClassification.from_timm('vit_base_patch16_224', pretrained=False, label_names=names).eval()
+    gc.collect()
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset VmHWM to the current resident size
+    setup = status_mib('VmRSS')
+    start = time.perf_counter()
+    if command == 'extract':
+        with tempfile.TemporaryDirectory() as tmp:
+            extract_to_file(model, dataset['test'].select(range(num_images)), Path(tmp) / 'attentions.safetensors',
+                            batch_size=batch_size, progress=False)
+    elif command == 'background':
+        from analysis.background import background_study
+        # the first rows: every class as often as the others (row i is of class i % C), as mixed_same needs
+        background_study(model, dataset['test'].select(range(num_images)), batch_size=batch_size,
+                         synthetic_config=data_args.synthetic_config(), split='test')
+    else:
+        from analysis.importance import importance_study
+        importance_study(model, dataset, batch_size=batch_size, max_train=num_images, max_test=num_images,
+                         head_ablation=False)
+    return {'peak_mib': status_mib('VmHWM'), 'setup_mib': setup, 'seconds': time.perf_counter() - start}
+
+
+def scale_main(args) -> None:
+    n, big = args.scale_images, 4 * args.scale_images
+    if n % args.scale_classes or n // args.scale_classes < 2:
+        raise ValueError(f'--scale_images must be a multiple of --scale_classes ({args.scale_classes}) with at least two '
+                         'images per class (the mixed_same variant takes a background from another image of the class)')
+    load_flower_dataset(scale_data_args(big, args.scale_classes))  # generated here: every child reads the same set
+    print(f'scale: vit_base_patch16_224 (random weights) at 224 px, synthetic flowers with masks, N = {n} and '
+          f'4N = {big} images, {args.scale_classes} classes, batch {args.scale_batch_size}, {torch.get_num_threads()} threads', flush=True)
+    for command in args.scale_commands:
+        runs = {}
+        for images in (n, big):
+            code = (f'import sys, json; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ["x"]\n'
+                    f'from bench.attention_throughput import scale_child\n'
+                    f'print(json.dumps(scale_child({command!r}, {images}, {big}, {args.scale_batch_size}, '
+                    f'{args.scale_classes})))')
+            out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                raise RuntimeError(f'{command} on {images} images failed:\n{out.stderr[-3000:]}')
+            runs[images] = json.loads(out.stdout.strip().splitlines()[-1])
+        small, large = runs[n], runs[big]
+        print(f'{command:>10}: peak RSS {small["peak_mib"]:.0f} MiB ({n} images, {small["seconds"]:.0f} s) -> '
+              f'{large["peak_mib"]:.0f} MiB ({big} images, {large["seconds"]:.0f} s); growth '
+              f'{100 * (large["peak_mib"] - small["peak_mib"]) / small["peak_mib"]:.1f}% (target < 15%); above '
+              f'model + data: {small["peak_mib"] - small["setup_mib"]:.0f} -> {large["peak_mib"] - large["setup_mib"]:.0f} MiB',
+              flush=True)
+
+
+def processes_main(args) -> None:
+    import os
+    import re
+    if not args.model or not (Path(args.model) / 'run_config.json').is_file():
+        raise ValueError('--processes needs --model <output directory of a run> (its test split is extracted)')
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', ACCELERATE_USE_CPU='true')
+    extract = ['-m', 'analysis', 'extract', '--model', args.model, '--split', 'test', '--batch_size', str(args.batch_size)]
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29561']
+    configs = {'1x2': (1, [sys.executable], '2'), '2x1': (2, launch, '1'), '1x1': (1, [sys.executable], '1')}
+    runs = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, (processes, cmd, threads) in configs.items():
+                output = Path(tmp) / name / 'attentions.safetensors'
+                start = time.perf_counter()
+                out = subprocess.run(cmd + extract + ['--output', str(output)], env=env | {'OMP_NUM_THREADS': threads},
+                                     capture_output=True, text=True, cwd=tmp)
+                wall = time.perf_counter() - start
+                if out.returncode != 0:
+                    raise RuntimeError(f'{processes} process(es) failed:\n{out.stderr[-3000:]}')
+                line = re.search(r'\((\d+) images, (\d+) process(?:es)?, ([\d.]+) s\)', out.stdout)
+                assert line and int(line.group(2)) == processes, out.stdout
+                runs[name].append((float(line.group(3)), wall))
+                print(f'repeat {r + 1}, {processes} process(es) x {threads} thread(s): extraction {runs[name][-1][0]:.1f} s, '
+                      f'command {wall:.1f} s ({line.group(1)} images)', flush=True)
+    median = {name: [statistics.median(t[i] for t in runs[name]) for i in (0, 1)] for name in runs}
+    two = median['2x1']
+    for name in ('1x2', '1x1'):
+        one = median[name]
+        print(f'median extraction time: 1 process x {name[-1]} thread(s) {one[0]:.1f} s, 2 processes x 1 thread '
+              f'{two[0]:.1f} s: speed-up {one[0] / two[0]:.2f}x; whole command {one[1]:.1f} s vs {two[1]:.1f} s '
+              f'({one[1] / two[1]:.2f}x); batch {args.batch_size}')
 
 
 def main():
@@ -80,7 +209,17 @@ def main():
     parser.add_argument('--images', type=int, default=500)
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--scale', action='store_true', help='the ViT-B/16 memory measurement instead')
+    parser.add_argument('--scale_images', type=int, default=8, help='N (4N is measured too)')
+    parser.add_argument('--scale_batch_size', type=int, default=8)
+    parser.add_argument('--scale_classes', type=int, default=2, help='synthetic flower classes of the scale data')
+    parser.add_argument('--scale_commands', nargs='+', default=list(SCALE_COMMANDS), choices=SCALE_COMMANDS)
+    parser.add_argument('--processes', action='store_true', help='1 process vs 2 (accelerate, CPU) instead')
     args = parser.parse_args()
+    if args.scale:
+        return scale_main(args)
+    if args.processes:
+        return processes_main(args)
 
     model, split = load(args.model, args.images)
     inference_images_per_s(model, split.select(range(args.batch_size)), args.batch_size)  # warm-up

@@ -40,7 +40,7 @@ def build(argv):
     model_args, data_args, training_args = training.parse_args(argv)
     dataset = load_flower_dataset(data_args)
     class_names = dataset['train'].features['label'].names
-    model = training.build_model(model_args, class_names)
+    model, _ = training.build_model(model_args, class_names, *training.resolve_start(model_args))
     augmentation = training.attach_transforms(dataset, model_data_config(model.timm_model),
                                               model_args.min_crop_scale, training_args.seed)
     return model, dataset['train'], training_args, augmentation
@@ -86,7 +86,8 @@ def main():
     parser.add_argument('--batch_size', type=int, default=64)
     args = parser.parse_args()
     assert args.steps > WARMUP, f'--steps must exceed the {WARMUP} warm-up steps'
-    argv = ['--output_dir', '/tmp/bench_train_throughput', '--max_steps', str(args.steps),
+    # the demo's architecture with random weights (speed does not depend on the weights; no base is built)
+    argv = ['--pretrained', 'false', '--output_dir', '/tmp/bench_train_throughput', '--max_steps', str(args.steps),
             '--per_device_train_batch_size', str(args.batch_size), '--eval_strategy', 'no',
             '--save_strategy', 'no', '--report_to', 'none', '--disable_tqdm', 'true', '--logging_steps', '1000']
     trainer_runs, manual_runs = [], []

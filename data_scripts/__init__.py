@@ -6,11 +6,14 @@ from .args import DataArguments
 from .hygiene import check_images, open_image, to_rgb
 from .loading import load_flower_dataset
 from .synthetic_flowers import SyntheticFlowers, SyntheticFlowersConfig, render_example, render_variant
+from .synthetic_shapes import SyntheticShapes, SyntheticShapesConfig
 
 __all__ = [
     "DataArguments",
     "SyntheticFlowers",
     "SyntheticFlowersConfig",
+    "SyntheticShapes",
+    "SyntheticShapesConfig",
     "check_images",
     "load_flower_dataset",
     "open_image",

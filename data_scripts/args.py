@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .synthetic_flowers import MAX_CLASSES, SyntheticFlowersConfig
+from .synthetic_shapes import MAX_CLASSES as SHAPES_MAX_CLASSES
+from .synthetic_shapes import SyntheticShapesConfig
 
 
 SYNTHETIC_FLAGS = ("synthetic_num_classes", "synthetic_image_size", "synthetic_train_per_class",
@@ -24,7 +26,8 @@ class DataArguments:
         metadata={
             "aliases": ["--dataset"],
             "help": (
-                "'synthetic' (procedural flowers with masks, offline), 'oxford102' (official "
+                "'synthetic' (procedural flowers with masks, offline), 'synthetic_shapes' (procedural shapes "
+                "and textures with masks, offline: a pretraining set without flowers), 'oxford102' (official "
                 "Oxford Flowers-102 files in --data_dir), or a Hub dataset id / local folder in "
                 "Hub layout (parquet or imagefolder) loaded with datasets.load_dataset."
             ),
@@ -73,8 +76,12 @@ class DataArguments:
         default=False,
         metadata={"help": "Fail on unreadable images instead of skipping them (and listing them in data_report.json)."},
     )
-    synthetic_num_classes: int = field(
-        default=5, metadata={"help": f"Synthetic set: number of flower species (2..{MAX_CLASSES})."}
+    synthetic_num_classes: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": f"Synthetic set: number of classes; flowers 2..{MAX_CLASSES} (default 5), "
+            f"synthetic_shapes 2..{SHAPES_MAX_CLASSES} (default {SHAPES_MAX_CLASSES})."
+        },
     )
     synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic set: image side in pixels."})
     synthetic_train_per_class: int = field(default=300, metadata={"help": "Synthetic set: training images per class."})
@@ -135,6 +142,18 @@ class DataArguments:
         except ValueError as e:
             raise ValueError(f"--synthetic_{e}") from e
 
-    def synthetic_config(self) -> SyntheticFlowersConfig:
-        """The synthetic dataset's config from the ``--synthetic_*`` flags."""
-        return SyntheticFlowersConfig(**{name.removeprefix("synthetic_"): getattr(self, name) for name in SYNTHETIC_FLAGS})
+    def synthetic_config(self) -> SyntheticFlowersConfig | SyntheticShapesConfig:
+        """The config of the synthetic set ``--dataset_name`` names (flowers unless synthetic_shapes).
+
+        The config's field names are the ``--synthetic_*`` flags without the prefix; unset flags
+        keep the config's default. The shapes set draws its backgrounds at random: the flowers'
+        background flags are refused for it rather than ignored.
+        """
+        values = {name.removeprefix("synthetic_"): getattr(self, name) for name in SYNTHETIC_FLAGS}
+        values = {name: value for name, value in values.items() if value is not None}
+        if self.dataset_name != "synthetic_shapes":
+            return SyntheticFlowersConfig(**values)
+        for name in ("background", "bg_correlation"):
+            if values.pop(name) != getattr(SyntheticFlowersConfig, name):  # the flowers' default
+                raise ValueError(f"{name} is a flower-set flag; synthetic_shapes draws its backgrounds at random.")
+        return SyntheticShapesConfig(**values)

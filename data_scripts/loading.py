@@ -19,6 +19,7 @@ import numpy as np
 from .args import DataArguments
 from .oxford102 import Oxford102
 from .synthetic_flowers import SyntheticFlowers
+from .synthetic_shapes import SyntheticShapes
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"
 def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[int] = None) -> datasets.DatasetDict:
     """Load the dataset the arguments name, in the project's standard form.
 
-    Sources, in order: ``--train_dir`` (image folders), "synthetic", "oxford102", else
+    Sources, in order: ``--train_dir`` (image folders), "synthetic", "synthetic_shapes", "oxford102", else
     ``datasets.load_dataset(dataset_name, dataset_config_name)`` (Hub id or local folder
     in Hub layout). Then: columns renamed to image / label / mask, labels encoded as one
     ClassLabel shared by all splits, validation split off train when missing, and the
@@ -42,7 +43,7 @@ def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[i
         seed: seed of the train/validation split and of the ``max_*_samples`` subsets.
             Kept apart from the training seed on purpose, so runs with different training
             seeds see the same validation images.
-        num_proc: processes for generating the synthetic set (None: one).
+        num_proc: processes for generating a synthetic set (None: one).
 
     Returns:
         The dataset splits.
@@ -52,8 +53,9 @@ def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[i
     """
     if args.train_dir is not None:
         ds = _load_image_folders(args.train_dir, args.validation_dir, args.test_dir)
-    elif args.dataset_name == "synthetic":
-        builder = SyntheticFlowers(config=args.synthetic_config(), cache_dir=args.cache_dir)
+    elif args.dataset_name in ("synthetic", "synthetic_shapes"):
+        builder_class = SyntheticShapes if args.dataset_name == "synthetic_shapes" else SyntheticFlowers
+        builder = builder_class(config=args.synthetic_config(), cache_dir=args.cache_dir)
         builder.download_and_prepare(num_proc=num_proc)
         ds = builder.as_dataset()
     elif args.dataset_name == "oxford102":

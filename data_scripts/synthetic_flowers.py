@@ -527,6 +527,22 @@ _BACKGROUND_RENDERERS = {
 }
 
 
+def render_background(family: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Render one background texture of a family from ``rng`` (also used by other synthetic sets).
+
+    Args:
+        family: one of BACKGROUND_FAMILIES.
+        rng: source of every random draw of the texture.
+        size: side of the square image in pixels.
+
+    Returns:
+        float32 [size, size, 3] in [0, 1].
+    """
+    if family not in _BACKGROUND_RENDERERS:
+        raise ValueError(f"family must be one of {BACKGROUND_FAMILIES}, got {family!r}.")
+    return np.clip(_BACKGROUND_RENDERERS[family](rng, size), 0, 1).astype(np.float32)
+
+
 def render_background_layer(config: SyntheticFlowersConfig, spec: ExampleSpec) -> np.ndarray:
     """Render the background texture of ``spec`` (the whole image, no flower).
 
@@ -538,9 +554,7 @@ def render_background_layer(config: SyntheticFlowersConfig, spec: ExampleSpec) -
         float32 [S, S, 3] in [0, 1].
     """
     rng = np.random.default_rng(spec.background_seed)
-    family = BACKGROUND_FAMILIES[spec.background_family]
-    bg = _BACKGROUND_RENDERERS[family](rng, config.image_size)
-    return np.clip(bg, 0, 1).astype(np.float32)
+    return render_background(BACKGROUND_FAMILIES[spec.background_family], rng, config.image_size)
 
 
 # --------------------------------------------------------------------------------------

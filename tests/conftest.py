@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny real training run that the end-to-end tests read; a fake Hub."""
+import os
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,25 @@ TINY_DATA = ['--synthetic_train_per_class', '8', '--synthetic_validation_per_cla
 
 
 def tiny_args(output_dir, *extra):
-    """train_hf.py flags for a run of a few seconds on tiny synthetic flowers."""
-    return ['--output_dir', str(output_dir), '--model_args', TINY_MODEL, *TINY_DATA,
+    """train_hf.py flags for a run of a few seconds on tiny synthetic flowers (a tiny ViT from scratch)."""
+    return ['--output_dir', str(output_dir), '--model_name_or_path', 'vit_tiny_patch16_224', '--pretrained', 'false',
+            '--model_args', TINY_MODEL, *TINY_DATA,
             '--per_device_train_batch_size', '8', '--per_device_eval_batch_size', '16',
             '--eval_strategy', 'no', '--save_strategy', 'no', '--report_to', 'none',
             '--disable_tqdm', 'true', *extra]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def base_cache(tmp_path_factory):
+    """Bases built by the tests (``base:<config>``) go to a temporary cache, never the user's."""
+    from analysis import training
+    old = os.environ.get(training.CACHE_ENV)
+    os.environ[training.CACHE_ENV] = str(tmp_path_factory.mktemp('base_cache'))
+    yield Path(os.environ[training.CACHE_ENV])
+    if old is None:
+        del os.environ[training.CACHE_ENV]
+    else:
+        os.environ[training.CACHE_ENV] = old
 
 
 @pytest.fixture(scope='session')

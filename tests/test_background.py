@@ -208,6 +208,13 @@ def test_study_configs_differ_only_in_background_and_output_dir():
     differ = {k for k in set(correlated) | set(random) if correlated.get(k) != random.get(k)}
     assert differ == {'synthetic_background', 'output_dir'}
     assert (correlated['synthetic_background'], random['synthetic_background']) == ('correlated', 'random')
+    finetuned = {bg: json.loads(config_file(f'study_finetuned_{bg}').read_text()) for bg in ('correlated', 'random')}
+    assert {k for k in finetuned['correlated'] if finetuned['correlated'][k] != correlated.get(k)} == {
+        'pretrained', 'num_train_epochs', 'output_dir'}  # the same data, from the same base's weights
+    assert finetuned['correlated']['model_name_or_path'] == correlated['model_name_or_path'] == 'base:shapes'
+    assert finetuned['correlated']['pretrained'] and not correlated['pretrained']
+    assert {k for k in finetuned['random'] if finetuned['random'][k] != finetuned['correlated'].get(k)} == {
+        'synthetic_background', 'output_dir'}
 
 
 @pytest.mark.slow
@@ -215,13 +222,24 @@ def test_study_quick_end_to_end(tmp_path):
     from analysis.cli import main as cli
     assert cli(['study', '--output_dir', str(tmp_path), '--quick', 'true']) == 0
     saved = study = json.loads((tmp_path / 'study.json').read_text())
-    assert [r['model'] for r in saved['models']] == ['correlated', 'random']
-    assert {c['claim'] for c in saved['checks']} >= {'larger bg_gap', 'higher only_bg_t accuracy'}
-    assert study['quick'] is True and 'bg_gap' in (tmp_path / 'study.md').read_text()
-    for name in ('correlated', 'random'):
+    models = ['correlated', 'random', 'finetuned_correlated', 'finetuned_random']
+    assert [r['model'] for r in saved['models']] == models
+    for checks in saved['checks'].values():
+        assert {c['claim'] for c in checks} >= {'larger bg_gap', 'higher only_bg_t accuracy'}
+    assert set(saved['checks']) == set(saved['attention_change']) == {'from scratch', 'fine-tuned from the base'}
+    for comparison in saved['attention_change'].values():
+        assert len(comparison['layers']) == 2  # the quick models have 2 blocks
+    assert set(saved['compression']) == {'finetuned_correlated', 'finetuned_random'}
+    markdown = (tmp_path / 'study.md').read_text()
+    assert study['quick'] is True and 'bg_gap' in markdown and 'moved off' in markdown.lower()
+    # The fine-tuned pair started from the (quick) base: its backbone, not random weights.
+    for name in models:
+        start = json.loads((tmp_path / name / 'run_config.json').read_text())['start']
+        assert bool(start['loaded']) == name.startswith('finetuned'), name
+    for name in models:
         run = tmp_path / name
-        for file in ('background.json', 'importance.json', 'figures/background.png', 'figures/importance.png',
-                     'report.html'):
+        for file in ('background.json', 'importance.json', 'faithfulness.json', 'attention_change.json',
+                     'figures/background.png', 'figures/importance.png', 'report.html'):
             assert (run / file).is_file(), f'{name}/{file}'
         background = json.loads((run / 'background.json').read_text())
         assert background['method'] == 'rendered' and set(background['variants']) == set(VARIANTS)

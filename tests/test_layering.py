@@ -15,16 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # the layers below it, never above.
 LAYERS = [
     ('data', ['data_scripts', 'data_scripts.files', 'data_scripts.hub', 'data_scripts.errors',
-              'data_scripts.hygiene', 'data_scripts.synthetic_flowers', 'data_scripts.oxford102', 'data_scripts.args',
+              'data_scripts.hygiene', 'data_scripts.synthetic_flowers', 'data_scripts.synthetic_shapes',
+              'data_scripts.oxford102', 'data_scripts.args',
               'data_scripts.loading', 'data_scripts.push']),
     ('model core', ['analysis', 'analysis.tokens', 'analysis.run_files', 'analysis.resources', 'analysis.metrics',
                     'analysis.modeling', 'analysis.transforms']),
-    ('maps', ['analysis.rollout', 'analysis.attention_metrics', 'analysis.summary', 'analysis.extract']),
-    ('studies', ['analysis.background', 'analysis.importance']),
-    ('rendering and publishing', ['analysis.plots', 'analysis.findings', 'analysis.figures', 'analysis.report',
-                                  'analysis.card', 'analysis.hub']),
+    ('maps', ['analysis.rollout', 'analysis.attention_metrics', 'analysis.summary', 'analysis.extract',
+              'analysis.attention_change']),
+    ('studies', ['analysis.background', 'analysis.importance', 'analysis.faithfulness']),
+    ('rendering and publishing', ['analysis.plots', 'analysis.findings', 'analysis.figures', 'analysis.explorer',
+                                  'analysis.report', 'analysis.card', 'analysis.hub']),
     ('training job', ['analysis.training']),
-    ('commands', ['analysis.study', 'analysis.cli', 'analysis.__main__', 'train_hf']),
+    ('commands', ['analysis.study', 'analysis.compress', 'analysis.cli', 'analysis.__main__', 'train_hf']),
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 PACKAGES = ('analysis', 'data_scripts', 'train_hf')

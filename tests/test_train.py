@@ -49,9 +49,10 @@ def test_json_config_and_flag_errors(tmp_path):
     assert model_args.timm_kwargs['depth'] == 2
     with pytest.raises(ValueError, match='--model_args'):
         training.parse_args(['--model_args', '{not json'])
-    # no arguments: the embedded demo
+    # no arguments: the embedded demo, fine-tuning the synthetic-shapes base
     model_args, data_args, training_args = training.parse_args([])
-    assert model_args.timm_kwargs['depth'] == 12 and not model_args.pretrained
+    assert model_args.model_name_or_path == 'base:shapes' and model_args.pretrained
+    assert model_args.timm_kwargs == {'img_size': 64}  # the base is trained at 32 px
     assert data_args.dataset_name == 'synthetic'
     demo = json.loads((ROOT / 'configs' / 'synthetic_demo.json').read_text())
     from_file = training.parse_args([str(ROOT / 'configs' / 'synthetic_demo.json')])
@@ -62,12 +63,11 @@ def test_json_config_and_flag_errors(tmp_path):
 def test_config_file_then_flags_and_model_args_defaults(tmp_path):
     demo = str(ROOT / 'configs' / 'synthetic_demo.json')
     _, _, training_args = training.parse_args([demo, '--max_steps', '7', '--output_dir', str(tmp_path)])
-    assert training_args.max_steps == 7 and training_args.learning_rate == 1e-3
+    assert training_args.max_steps == 7 and training_args.learning_rate == json.loads(Path(demo).read_text())['learning_rate']
     bad = tmp_path / 'bad.json'
     bad.write_text(json.dumps({'max_stepz': 3}))
     with pytest.raises(ValueError, match='max_stepz'):
         training.parse_args([str(bad)])
-    # the demo's small shape belongs to the demo model only
     model_args, _, _ = training.parse_args(['--model_name_or_path', 'vit_base_patch16_224', '--pretrained', 'true'])
     assert model_args.timm_kwargs == {}
     with pytest.raises(ValueError, match='persistent_workers'):

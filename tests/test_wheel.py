@@ -43,6 +43,7 @@ def wheel(tmp_path_factory):
 def test_wheel_carries_templates_and_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ('train_hf.py', 'analysis/templates/model_card.md', 'analysis/templates/report/page.html.j2',
+                     'analysis/templates/report/explorer.html.j2', 'analysis/templates/report/explorer.js',
                      'analysis/configs/synthetic_demo.json', 'analysis/configs/oxford102_vit_base.json',
                      'data_scripts/synthetic_flowers.py'):
         assert required in names
