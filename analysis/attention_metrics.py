@@ -458,12 +458,7 @@ def layers_preferring_flower(metrics: Dict, threshold: float = 1.0) -> List[int]
 
 def class_mean_cls_maps(cls_attention: torch.Tensor, labels: torch.Tensor,
                         num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Head-averaged CLS maps averaged over the images of each class.
-
-    Args:
-        cls_attention: ``[M, L, H, P]`` CLS-to-patch attention.
-        labels: ``[M]`` class indices.
-        num_classes: ``C``.
+    """Head-averaged CLS maps averaged over the images of each class (arguments of `class_cls_map_sums`).
 
     Returns:
         ``(maps [C, L, P], counts [C])``; classes without images have all-zero maps and count 0.

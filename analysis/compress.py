@@ -645,7 +645,10 @@ def compress_run(
     final_data = _fresh(dataset)
     trainer = training.build_trainer(student, final_data, model_args, training_args)
     trainer.save_metrics('train', read_json(output_dir / SEARCH_DIR / f'depth_{depth}' / 'train_results.json'))
-    test = training.evaluate(trainer, final_data)
+    training.validate(trainer)
+    # One pass over the test split, as the training job: the attention summary and the test scores.
+    test = training.extract_attention(student, final_data, model_args, data_args, training_args, stage='end')
+    training.save_test_metrics(trainer, test)
     name = f'depth_{depth}'
     compress.update({
         'outcome': 'compressed',

@@ -281,7 +281,7 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         test_metrics = run(*parse_args([str(config_path)]))
         train_s = time.time() - t0
         result = analyse_model(Path(config['output_dir']), config_path, seed=seed, batch_size=batch_size,
-                               pruning_seconds=30.0 if quick else 120.0,
+                               pruning_seconds=1.0 if quick else 120.0,
                                faithfulness_images=8 if quick else FAITHFULNESS_IMAGES)
         seconds[name] = {'train': train_s, **result['seconds']}
         rows.append(summarise(name, float(test_metrics['test_accuracy']), result['background'],

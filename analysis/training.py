@@ -502,14 +502,6 @@ def save_test_metrics(trainer: Trainer, test_metrics: Dict) -> None:
     trainer.save_metrics('test', test_metrics)
 
 
-def evaluate(trainer: Trainer, dataset: datasets.DatasetDict) -> Dict:
-    """Validation metrics, then the test split predicted by ``Trainer.predict`` and scored (no attention)."""
-    validate(trainer)
-    test_metrics = evaluate_test(trainer, dataset, trainer.model.class_names)
-    save_test_metrics(trainer, test_metrics)
-    return test_metrics
-
-
 def extract_attention(model: TimmViTForImageClassification, dataset: datasets.DatasetDict, model_args: ModelArguments,
                       data_args: DataArguments, training_args: TrainingArguments, *, stage: str) -> Dict:
     """The attention summary and metrics of the scored split, at the ``start`` of training or at the ``end``.
@@ -552,7 +544,7 @@ def analyse(model, dataset, model_args, data_args, training_args) -> None:
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: FlowerTrainingArguments) -> Dict:
     """The whole job, in order: Hub pre-check, data, starting weights (and their attention), Trainer, train,
-    evaluate, analyse, card, push.
+    validate, one pass over the test split (attention and scores), analyse, report and card, push.
 
     Returns:
         the test metrics (as in all_results.json).

@@ -96,8 +96,38 @@ _HUE_ARC_SPAN_DEG = 180.0
 _HUE_RANGE_WIDTH = 1.5
 
 
+class SyntheticSplits:
+    """What the configs of the synthetic sets share: split sizes and a cache id from ``params()``.
+
+    A config names its ``RENDERER_VERSION`` and the ``cache_prefix()`` of its cache id.
+    """
+
+    RENDERER_VERSION = RENDERER_VERSION
+
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    def cache_prefix(self) -> str:
+        return f"{self.name}-{self.num_classes}c-{self.image_size}px"
+
+    def cache_id(self) -> str:
+        """Cache key: equal parameters (and renderer version) give the same id."""
+        blob = json.dumps({"renderer": self.RENDERER_VERSION, **self.params()}, sort_keys=True)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return f"{self.cache_prefix()}-{digest}"
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples of ``split`` (balanced: per-class count x classes)."""
+        per_class = {
+            "train": self.train_per_class,
+            "validation": self.validation_per_class,
+            "test": self.test_per_class,
+        }[split]
+        return per_class * self.num_classes
+
+
 @dataclasses.dataclass
-class SyntheticFlowersConfig(datasets.BuilderConfig):
+class SyntheticFlowersConfig(SyntheticSplits, datasets.BuilderConfig):
     """Parameters of the synthetic flower dataset (the ``--synthetic_*`` flags).
 
     Attributes:
@@ -152,20 +182,8 @@ class SyntheticFlowersConfig(datasets.BuilderConfig):
             "seed": self.seed,
         }
 
-    def cache_id(self) -> str:
-        """Cache key: equal parameters (and renderer version) give the same id."""
-        blob = json.dumps({"renderer": RENDERER_VERSION, **self.params()}, sort_keys=True)
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        return f"{self.name}-{self.num_classes}c-{self.image_size}px-{self.background}-{digest}"
-
-    def num_examples(self, split: str) -> int:
-        """Number of examples of ``split`` (balanced: per-class count x classes)."""
-        per_class = {
-            "train": self.train_per_class,
-            "validation": self.validation_per_class,
-            "test": self.test_per_class,
-        }[split]
-        return per_class * self.num_classes
+    def cache_prefix(self) -> str:
+        return f"{self.name}-{self.num_classes}c-{self.image_size}px-{self.background}"
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -643,7 +661,7 @@ def render_variant(
     return Image.fromarray(_to_uint8(image), mode="RGB"), _mask_image(mask)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # speed over size: the set is small
     return buffer.getvalue()
@@ -654,26 +672,26 @@ def _png_bytes(image: Image.Image) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
-class SyntheticFlowers(datasets.GeneratorBasedBuilder):
-    """``datasets`` builder of the synthetic flowers; use it directly (see module doc)."""
+class SyntheticBuilder(datasets.GeneratorBasedBuilder):
+    """A ``datasets`` builder of procedurally rendered images with masks, from a config (used directly).
 
-    BUILDER_CONFIG_CLASS = SyntheticFlowersConfig
-    VERSION = datasets.Version(RENDERER_VERSION)
+    Subclasses name their config class, version, description, class names and renderer
+    (``render(config, split, index) -> (image, mask, label)``); example ``i`` of a split is a pure
+    function of ``(config, split, i)``, so the splits are rendered in shards, in parallel with
+    ``download_and_prepare(num_proc=...)``.
+    """
 
-    def __init__(
-        self,
-        config: Optional[SyntheticFlowersConfig] = None,
-        cache_dir: Optional[str] = None,
-        **kwargs,
-    ) -> None:
+    DESCRIPTION = ""
+
+    def __init__(self, config=None, cache_dir: Optional[str] = None, **kwargs) -> None:
         """Create the builder.
 
         Args:
-            config: dataset parameters (defaults: SyntheticFlowersConfig()).
+            config: dataset parameters (default: ``BUILDER_CONFIG_CLASS()``).
             cache_dir: datasets cache folder (default: the datasets cache).
             **kwargs: passed to datasets.GeneratorBasedBuilder.
         """
-        config = config if config is not None else SyntheticFlowersConfig()
+        config = config if config is not None else self.BUILDER_CONFIG_CLASS()
         super().__init__(
             cache_dir=cache_dir,
             config_id=config.cache_id(),
@@ -683,13 +701,21 @@ class SyntheticFlowers(datasets.GeneratorBasedBuilder):
             **kwargs,
         )
 
+    @staticmethod
+    def class_names(num_classes: int) -> list[str]:
+        raise NotImplementedError
+
+    @staticmethod
+    def render(config, split: str, index: int) -> tuple[Image.Image, Image.Image, int]:
+        raise NotImplementedError
+
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
-            description="Procedural flowers with exact masks (flower-vit-lens synthetic set).",
+            description=self.DESCRIPTION,
             features=datasets.Features(
                 {
                     "image": datasets.Image(),
-                    "label": datasets.ClassLabel(names=class_names(self.config.num_classes)),
+                    "label": datasets.ClassLabel(names=self.class_names(self.config.num_classes)),
                     "mask": datasets.Image(),
                 }
             ),
@@ -712,9 +738,19 @@ class SyntheticFlowers(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, index_ranges: list[range]):
         for index_range in index_ranges:
             for index in index_range:
-                image, mask, label = render_example(self.config, split, index)
+                image, mask, label = self.render(self.config, split, index)
                 yield index, {
-                    "image": {"bytes": _png_bytes(image), "path": None},
+                    "image": {"bytes": png_bytes(image), "path": None},
                     "label": label,
-                    "mask": {"bytes": _png_bytes(mask), "path": None},
+                    "mask": {"bytes": png_bytes(mask), "path": None},
                 }
+
+
+class SyntheticFlowers(SyntheticBuilder):
+    """``datasets`` builder of the synthetic flowers; use it directly (see module doc)."""
+
+    BUILDER_CONFIG_CLASS = SyntheticFlowersConfig
+    VERSION = datasets.Version(RENDERER_VERSION)
+    DESCRIPTION = "Procedural flowers with exact masks (flower-vit-lens synthetic set)."
+    class_names = staticmethod(class_names)
+    render = staticmethod(render_example)

@@ -38,27 +38,20 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import hashlib
-import io
-import json
 import logging
-from typing import Optional
 
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .synthetic_flowers import BACKGROUND_FAMILIES as FLOWER_BACKGROUND_FAMILIES
-from .synthetic_flowers import render_background
+from .synthetic_flowers import SPLITS, SyntheticBuilder, SyntheticSplits, render_background
 
 logger = logging.getLogger(__name__)
 
 # Bump when the renderer changes: it is part of the cache key.
 RENDERER_VERSION = "1.0.0"
-SPLITS = ("train", "validation", "test")
 SUPERSAMPLE = 4
-# Shards per split, so that download_and_prepare(num_proc=...) can render in parallel.
-_NUM_SHARDS = 8
 
 # Texture classes: a blob whose fill pattern is the class.
 TEXTURES = ("stripes", "dots", "checker", "grid")
@@ -111,7 +104,7 @@ _HOLE, _PRIMARY, _SECONDARY = 0, 1, 2
 
 
 @dataclasses.dataclass
-class SyntheticShapesConfig(datasets.BuilderConfig):
+class SyntheticShapesConfig(SyntheticSplits, datasets.BuilderConfig):
     """Parameters of the synthetic shapes dataset.
 
     Attributes:
@@ -121,6 +114,8 @@ class SyntheticShapesConfig(datasets.BuilderConfig):
             split; a split with 0 is not generated.
         seed: base seed of every random draw.
     """
+
+    RENDERER_VERSION = RENDERER_VERSION
 
     name: str = "shapes"
     num_classes: int = MAX_CLASSES
@@ -154,20 +149,6 @@ class SyntheticShapesConfig(datasets.BuilderConfig):
             "seed": self.seed,
         }
 
-    def cache_id(self) -> str:
-        """Cache key: equal parameters (and renderer version) give the same id."""
-        blob = json.dumps({"renderer": RENDERER_VERSION, **self.params()}, sort_keys=True)
-        digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        return f"{self.name}-{self.num_classes}c-{self.image_size}px-{digest}"
-
-    def num_examples(self, split: str) -> int:
-        """Number of examples of ``split`` (balanced: per-class count x classes)."""
-        per_class = {
-            "train": self.train_per_class,
-            "validation": self.validation_per_class,
-            "test": self.test_per_class,
-        }[split]
-        return per_class * self.num_classes
 
 
 def class_names(num_classes: int = MAX_CLASSES) -> list[str]:
@@ -508,12 +489,6 @@ def render_background_layer(config: SyntheticShapesConfig, spec: ShapeSpec) -> n
 # --------------------------------------------------------------------------------------
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # speed over size
-    return buffer.getvalue()
-
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
@@ -542,67 +517,11 @@ def render_example(config: SyntheticShapesConfig, split: str, index: int) -> tup
 # --------------------------------------------------------------------------------------
 
 
-class SyntheticShapes(datasets.GeneratorBasedBuilder):
+class SyntheticShapes(SyntheticBuilder):
     """``datasets`` builder of the synthetic shapes; use it directly (see module doc)."""
 
     BUILDER_CONFIG_CLASS = SyntheticShapesConfig
     VERSION = datasets.Version(RENDERER_VERSION)
-
-    def __init__(
-        self,
-        config: Optional[SyntheticShapesConfig] = None,
-        cache_dir: Optional[str] = None,
-        **kwargs,
-    ) -> None:
-        """Create the builder.
-
-        Args:
-            config: dataset parameters (defaults: SyntheticShapesConfig()).
-            cache_dir: datasets cache folder (default: the datasets cache).
-            **kwargs: passed to datasets.GeneratorBasedBuilder.
-        """
-        config = config if config is not None else SyntheticShapesConfig()
-        super().__init__(
-            cache_dir=cache_dir,
-            config_id=config.cache_id(),
-            name=config.name,
-            version=self.VERSION,
-            **config.params(),
-            **kwargs,
-        )
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(
-            description="Procedural shapes and textures with exact masks (flower-vit-lens pretraining set).",
-            features=datasets.Features(
-                {
-                    "image": datasets.Image(),
-                    "label": datasets.ClassLabel(names=class_names(self.config.num_classes)),
-                    "mask": datasets.Image(),
-                }
-            ),
-        )
-
-    def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
-        generators = []
-        for split in SPLITS:
-            n = self.config.num_examples(split)
-            if n == 0:
-                continue
-            # Lists in gen_kwargs are what ``download_and_prepare(num_proc=...)`` shards.
-            bounds = np.linspace(0, n, min(_NUM_SHARDS, n) + 1).astype(int)
-            index_ranges = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-            generators.append(
-                datasets.SplitGenerator(name=split, gen_kwargs={"split": split, "index_ranges": index_ranges})
-            )
-        return generators
-
-    def _generate_examples(self, split: str, index_ranges: list[range]):
-        for index_range in index_ranges:
-            for index in index_range:
-                image, mask, label = render_example(self.config, split, index)
-                yield index, {
-                    "image": {"bytes": _png_bytes(image), "path": None},
-                    "label": label,
-                    "mask": {"bytes": _png_bytes(mask), "path": None},
-                }
+    DESCRIPTION = "Procedural shapes and textures with exact masks (flower-vit-lens pretraining set)."
+    class_names = staticmethod(class_names)
+    render = staticmethod(render_example)

@@ -151,7 +151,8 @@ def test_start_attention_is_the_bases_and_training_records_the_change(base, tmp_
 def test_a_killed_base_build_leaves_no_cache_entry_and_the_next_build_resumes(tmp_path):
     config = tmp_path / 'base_killed.json'
     config.write_text(json.dumps(base_config(max_steps=40, save_steps=5)))
-    env = dict(os.environ, **{training.CACHE_ENV: str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1'})
+    env = dict(os.environ, **{training.CACHE_ENV: str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1',
+                              'PYTHONPATH': str(ROOT)})
     code = f'from analysis.training import ensure_base; ensure_base("base:{config}")'
     proc = subprocess.Popen([sys.executable, '-c', code], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
