@@ -95,6 +95,44 @@ def _overlay(ax: Axes, image: Optional[np.ndarray], patch_values: ArrayLike, lay
     ax.set_yticks([])
 
 
+def panel(image: Optional[np.ndarray], patch_values: ArrayLike, layout: TokenLayout) -> np.ndarray:
+    """One attention map as RGB pixels in [0, 1]: scaled to its own max, coloured, over ``image`` (alone when None).
+
+    The same picture `_overlay` draws (``OVERLAY_ALPHA`` of the colour over the image), computed
+    here so that a grid of many maps is one picture instead of one matplotlib axes per map.
+    """
+    import matplotlib
+    attn = _scale_to_max(upsample_to_image(patch_values, layout))  # [H, W]
+    colour = matplotlib.colormaps[ATTENTION_CMAP](attn)[..., :3]  # [H, W, 3]
+    if image is None:
+        return colour
+    return (1.0 - OVERLAY_ALPHA) * (image / 255.0) + OVERLAY_ALPHA * colour
+
+
+def _draw_panel_grid(ax: Axes, panels: List[List[np.ndarray]], row_labels: List[str], col_labels: List[str],
+                     fontsize: int = 9) -> None:
+    """Draws rows of equal-sized RGB panels as one image, a thin white gap between panels, labelled on top and left."""
+    rows, cols = len(panels), len(panels[0])
+    h, w = panels[0][0].shape[:2]
+    gap = panel_gap(h)
+    canvas = np.ones((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), dtype=np.float32)
+    for r, row in enumerate(panels):
+        for c, pixels in enumerate(row):
+            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = pixels
+    ax.imshow(canvas, interpolation='antialiased')
+    ax.set_xticks([c * (w + gap) + (w - 1) / 2 for c in range(cols)], col_labels, fontsize=fontsize + 1)
+    ax.set_yticks([r * (h + gap) + (h - 1) / 2 for r in range(rows)], row_labels, fontsize=fontsize)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def panel_gap(panel_height: int) -> int:
+    """White pixels between the panels of a grid picture."""
+    return max(1, panel_height // 16)
+
+
 def attention_colour_stops(num_stops: int = 16) -> List[List[int]]:
     """`ATTENTION_CMAP` as ``num_stops`` RGB stops (0..255) from 0 to 1, for pages that draw maps themselves."""
     import matplotlib
@@ -137,7 +175,8 @@ def layer_grid(
         row_titles: ``E`` labels, e.g. ``"true: daisy / pred: daisy ✓"``.
 
     Returns:
-        Figure with ``E`` rows and ``L + 2`` columns ("image", "L1".."LL", "rollout").
+        Figure of one picture: ``E`` rows of ``L + 2`` panels ("image", "L1".."LL", "rollout"), the
+        column names on top, the row titles on the left.
     """
     images = _as_numpy(images)
     cls_maps = _as_numpy(cls_maps)
@@ -150,21 +189,15 @@ def layer_grid(
             f'got {len(images)} images, {num_examples} CLS maps, {len(rollout)} rollout maps and '
             f'{len(row_titles)} row titles; pass one of each per example.')
     ncols = num_layers + 2
-    fig = Figure(figsize=(1.15 * ncols, 1.1 * num_examples + 0.6), layout='constrained')
-    axes = fig.subplots(num_examples, ncols, squeeze=False)
-    col_titles = ['image'] + [f'L{i + 1}' for i in range(num_layers)] + ['rollout']
+    panels = []
     for e in range(num_examples):
         image = images[e]
         _check_image(image, layout)
-        axes[e, 0].imshow(image)
-        axes[e, 0].set_xticks([])
-        axes[e, 0].set_yticks([])
-        axes[e, 0].set_ylabel(row_titles[e], fontsize=9, rotation=0, ha='right', va='center')
-        for layer in range(num_layers):
-            _overlay(axes[e, layer + 1], image, cls_maps[e, layer], layout)
-        _overlay(axes[e, -1], image, rollout[e], layout)
-    for c, title in enumerate(col_titles):
-        axes[0, c].set_title(title, fontsize=11)
+        panels.append([image / 255.0] + [panel(image, cls_maps[e, layer], layout) for layer in range(num_layers)]
+                      + [panel(image, rollout[e], layout)])
+    fig = Figure(figsize=(1.15 * ncols, 1.1 * num_examples + 0.6), layout='constrained')
+    col_titles = ['image'] + [f'L{i + 1}' for i in range(num_layers)] + ['rollout']
+    _draw_panel_grid(fig.subplots(), panels, list(row_titles), col_titles)
     fig.suptitle('CLS-to-patch attention per layer (mean over heads) and rollout; '
                  'each map scaled to its own maximum', fontsize=12)
     return fig
@@ -218,7 +251,8 @@ def class_mean_maps(class_maps: ArrayLike, class_names: List[str], layout: Token
         layout: token layout of the model.
 
     Returns:
-        Figure with ``C`` rows and ``L`` columns of attention maps (no image underneath).
+        Figure of one picture: ``C`` rows (classes, named on the left) of ``L`` attention maps (layers, named
+        on top), no image underneath.
     """
     class_maps = _as_numpy(class_maps)
     num_classes, num_layers = class_maps.shape[:2]
@@ -228,13 +262,8 @@ def class_mean_maps(class_maps: ArrayLike, class_names: List[str], layout: Token
     gh, gw = layout.grid_size
     cell = 1.0 * max(gw / gh, 1.0)
     fig = Figure(figsize=(cell * num_layers + 1.2, 1.0 * num_classes + 0.7), layout='constrained')
-    axes = fig.subplots(num_classes, num_layers, squeeze=False)
-    for c in range(num_classes):
-        for layer in range(num_layers):
-            _overlay(axes[c, layer], None, class_maps[c, layer], layout)
-        axes[c, 0].set_ylabel(class_names[c], fontsize=9, rotation=0, ha='right', va='center')
-    for layer in range(num_layers):
-        axes[0, layer].set_title(f'L{layer + 1}', fontsize=9)
+    panels = [[panel(None, class_maps[c, layer], layout) for layer in range(num_layers)] for c in range(num_classes)]
+    _draw_panel_grid(fig.subplots(), panels, list(class_names), [f'L{layer + 1}' for layer in range(num_layers)])
     fig.suptitle('Mean CLS attention per class and layer; each map scaled to its own maximum', fontsize=10)
     return fig
 

@@ -20,9 +20,11 @@ from N to 4N is printed per command (target < 15%), with the peak above the resi
 Processes (``--processes``): ``python -m analysis extract`` of a run's test split as one process with
 2 torch threads and with 1, against ``accelerate launch --multi_gpu --num_processes 2`` (CPU, gloo)
 with 1 thread per process, alternated; the extraction times (as the command prints them: shards and
-merge) and the command wall times (with start-up) are compared.
+merge) and the command wall times (with start-up) are compared. With ``--scale``: the same on the
+ViT-B/16-shaped model (random weights) and ``--scale_images`` 224-px test images of the scale mode.
 
     python bench/attention_throughput.py --processes --model outputs/synthetic_demo [--repeats 2]
+    python bench/attention_throughput.py --processes --scale --scale_images 64 [--repeats 2]   # ViT-B/16, 224 px
 """
 import argparse
 import json
@@ -168,13 +170,34 @@ def scale_main(args) -> None:
               flush=True)
 
 
+def scale_flags(num_images: int, num_classes: int) -> list:
+    """`scale_data_args` as command-line flags."""
+    data = scale_data_args(num_images, num_classes)
+    return ['--dataset_name', 'synthetic', '--synthetic_num_classes', str(num_classes), '--synthetic_image_size', '224',
+            '--synthetic_train_per_class', str(data.synthetic_train_per_class), '--synthetic_validation_per_class', '1',
+            '--synthetic_test_per_class', str(data.synthetic_test_per_class)]
+
+
 def processes_main(args) -> None:
     import os
     import re
-    if not args.model or not (Path(args.model) / 'run_config.json').is_file():
-        raise ValueError('--processes needs --model <output directory of a run> (its test split is extracted)')
+    if args.scale:  # a ViT-B/16-shaped model (random weights) on 224-px synthetic flowers, the scale mode's data
+        tmp_model = tempfile.TemporaryDirectory()
+        dataset = load_flower_dataset(scale_data_args(args.scale_images, args.scale_classes))
+        torch.manual_seed(0)
+        TimmViTForImageClassification.from_timm('vit_base_patch16_224', pretrained=False,
+                                                label_names=dataset['test'].features['label'].names
+                                                ).save_pretrained(tmp_model.name)
+        model, data_flags, batch_size = tmp_model.name, scale_flags(args.scale_images, args.scale_classes), args.scale_batch_size
+        print(f'vit_base_patch16_224 (random weights) at 224 px, {len(dataset["test"])} test images', flush=True)
+    elif args.model and (Path(args.model) / 'run_config.json').is_file():
+        model, data_flags, batch_size = args.model, [], args.batch_size
+    else:
+        raise ValueError('--processes needs --model <output directory of a run> (its test split is extracted), '
+                         'or --scale (a ViT-B/16-shaped model on 224-px synthetic flowers)')
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM='false', ACCELERATE_USE_CPU='true')
-    extract = ['-m', 'analysis', 'extract', '--model', args.model, '--split', 'test', '--batch_size', str(args.batch_size)]
+    extract = ['-m', 'analysis', 'extract', '--model', model, '--split', 'test', '--batch_size', str(batch_size),
+               *data_flags]
     launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '29561']
     configs = {'1x2': (1, [sys.executable], '2'), '2x1': (2, launch, '1'), '1x1': (1, [sys.executable], '1')}
@@ -200,7 +223,7 @@ def processes_main(args) -> None:
         one = median[name]
         print(f'median extraction time: 1 process x {name[-1]} thread(s) {one[0]:.1f} s, 2 processes x 1 thread '
               f'{two[0]:.1f} s: speed-up {one[0] / two[0]:.2f}x; whole command {one[1]:.1f} s vs {two[1]:.1f} s '
-              f'({one[1] / two[1]:.2f}x); batch {args.batch_size}')
+              f'({one[1] / two[1]:.2f}x); batch {batch_size}')
 
 
 def main():
@@ -209,17 +232,17 @@ def main():
     parser.add_argument('--images', type=int, default=500)
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--repeats', type=int, default=2)
-    parser.add_argument('--scale', action='store_true', help='the ViT-B/16 memory measurement instead')
+    parser.add_argument('--scale', action='store_true', help='the ViT-B/16 memory measurement instead (with --processes: 1 vs 2 processes on ViT-B/16)')
     parser.add_argument('--scale_images', type=int, default=8, help='N (4N is measured too)')
     parser.add_argument('--scale_batch_size', type=int, default=8)
     parser.add_argument('--scale_classes', type=int, default=2, help='synthetic flower classes of the scale data')
     parser.add_argument('--scale_commands', nargs='+', default=list(SCALE_COMMANDS), choices=SCALE_COMMANDS)
     parser.add_argument('--processes', action='store_true', help='1 process vs 2 (accelerate, CPU) instead')
     args = parser.parse_args()
-    if args.scale:
-        return scale_main(args)
     if args.processes:
         return processes_main(args)
+    if args.scale:
+        return scale_main(args)
 
     model, split = load(args.model, args.images)
     inference_images_per_s(model, split.select(range(args.batch_size)), args.batch_size)  # warm-up

@@ -103,6 +103,10 @@ class DataArguments:
         metadata={"help": "Synthetic set, 'correlated' mode: share of images on their class's background family."},
     )
     synthetic_seed: int = field(default=0, metadata={"help": "Synthetic set: seed of every random draw."})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "Synthetic set: processes that render it (default: one per CPU core, at most 8)."},
+    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "datasets cache folder."})
 
     def __post_init__(self) -> None:
@@ -133,7 +137,7 @@ class DataArguments:
             raise ValueError("--image_column_name, --label_column_name and --mask_column_name must differ.")
         if self.train_val_split is not None and not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
-        for flag in ("max_train_samples", "max_eval_samples"):
+        for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} must be >= 1 (or unset), got {value}.")
@@ -141,6 +145,11 @@ class DataArguments:
             self.synthetic_config()
         except ValueError as e:
             raise ValueError(f"--synthetic_{e}") from e
+
+    def synthetic_num_proc(self) -> Optional[int]:
+        """Processes that render a synthetic set (``download_and_prepare(num_proc=...)``; None: this one)."""
+        workers = self.preprocessing_num_workers or min(len(os.sched_getaffinity(0)), 8)
+        return workers if workers > 1 else None
 
     def synthetic_config(self) -> SyntheticFlowersConfig | SyntheticShapesConfig:
         """The config of the synthetic set ``--dataset_name`` names (flowers unless synthetic_shapes).

@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS = frozenset(
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 
 
-def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[int] = None) -> datasets.DatasetDict:
+def load_flower_dataset(args: DataArguments, seed: int = 0) -> datasets.DatasetDict:
     """Load the dataset the arguments name, in the project's standard form.
 
     Sources, in order: ``--train_dir`` (image folders), "synthetic", "synthetic_shapes", "oxford102", else
@@ -43,7 +43,6 @@ def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[i
         seed: seed of the train/validation split and of the ``max_*_samples`` subsets.
             Kept apart from the training seed on purpose, so runs with different training
             seeds see the same validation images.
-        num_proc: processes for generating a synthetic set (None: one).
 
     Returns:
         The dataset splits.
@@ -56,7 +55,7 @@ def load_flower_dataset(args: DataArguments, seed: int = 0, num_proc: Optional[i
     elif args.dataset_name in ("synthetic", "synthetic_shapes"):
         builder_class = SyntheticShapes if args.dataset_name == "synthetic_shapes" else SyntheticFlowers
         builder = builder_class(config=args.synthetic_config(), cache_dir=args.cache_dir)
-        builder.download_and_prepare(num_proc=num_proc)
+        builder.download_and_prepare(num_proc=args.synthetic_num_proc())
         ds = builder.as_dataset()
     elif args.dataset_name == "oxford102":
         builder = Oxford102(data_dir=args.data_dir, cache_dir=args.cache_dir)

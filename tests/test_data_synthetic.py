@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import HfArgumentParser
 
-from data_scripts import DataArguments, SyntheticFlowers, SyntheticFlowersConfig, render_example, render_variant
+from data_scripts import DataArguments, SyntheticFlowers, load_flower_dataset, SyntheticFlowersConfig, render_example, render_variant
 from data_scripts import synthetic_flowers as sf
 
 
@@ -167,6 +167,21 @@ def test_builder_matches_renderer_balanced_and_cached(tmp_path, monkeypatch):
         assert other.cache_dir != builder.cache_dir, changed
 
 
+def test_parallel_rendering_gives_the_same_set(tmp_path):
+    """--preprocessing_num_workers 2 renders the shards in two processes: same examples, same order."""
+    sets = []
+    for workers in (1, 2):
+        args = DataArguments(synthetic_num_classes=3, synthetic_train_per_class=6, synthetic_validation_per_class=2,
+                             synthetic_test_per_class=2, preprocessing_num_workers=workers,
+                             cache_dir=str(tmp_path / str(workers)))
+        assert args.synthetic_num_proc() == (None if workers == 1 else 2)
+        sets.append(load_flower_dataset(args))
+    for split in ("train", "validation", "test"):
+        assert sets[0][split]["label"] == sets[1][split]["label"]
+        for row in (0, len(sets[0][split]) - 1):
+            assert np.array_equal(pixels(sets[0][split][row]["image"]), pixels(sets[1][split][row]["image"]))
+
+
 def test_builder_skips_empty_splits(tmp_path):
     builder = SyntheticFlowers(config=tiny_config(test_per_class=0), cache_dir=str(tmp_path))
     builder.download_and_prepare()
@@ -189,6 +204,7 @@ def test_data_arguments_parse_and_validate():
         (["--synthetic_num_classes", "1"], "--synthetic_num_classes"),
         (["--train_val_split", "1.5"], "--train_val_split"),
         (["--max_train_samples", "0"], "--max_train_samples"),
+        (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers"),
         (["--synthetic_bg_correlation", "2"], "--synthetic_bg_correlation"),
         (["--dataset_name", "oxford102"], "--data_dir"),
         (["--validation_dir", "v"], "--train_dir"),

@@ -49,18 +49,47 @@ def test_as_numpy_turns_json_none_into_nan_and_half_into_float32():
     assert plots._as_numpy(torch.ones(2, dtype=torch.float16)).dtype == np.float32
 
 
+def _grid_labels(fig: Figure) -> tuple:
+    ax = fig.axes[0]
+    return [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
+
+
+def _grid_panel(fig: Figure, row: int, col: int, size: int = 16) -> np.ndarray:
+    """Panel (row, col) of a one-picture grid figure; panels of `size` px, `plots.panel_gap` px apart."""
+    canvas = np.asarray(fig.axes[0].images[0].get_array())
+    step = size + plots.panel_gap(size)
+    return canvas[row * step:row * step + size, col * step:col * step + size]
+
+
 def test_layer_grid_has_one_row_per_image_and_image_layers_rollout_columns(tmp_path):
     images = torch.randint(0, 255, (E, 16, 16, 3), dtype=torch.uint8)
     cls_maps = torch.rand(E, L, P).half()
-    fig = plots.layer_grid(images, cls_maps, torch.rand(E, P), LAYOUT, ['true: a / pred: a \u2713', 'x'])
-    assert len(fig.axes) == E * (L + 2)
-    assert _titles(fig)[:L + 2] == ['image', 'L1', 'L2', 'L3', 'rollout']
-    # Each map is scaled to its own maximum for display: the overlay's max is 1.
-    overlay = fig.axes[1].images[1].get_array()
-    assert overlay.shape == (16, 16) and float(overlay.max()) == pytest.approx(1.0)
+    rollout = torch.rand(E, P)
+    fig = plots.layer_grid(images, cls_maps, rollout, LAYOUT, ['true: a / pred: a \u2713', 'x'])
+    assert len(fig.axes) == 1  # one picture, not one axes per map
+    gap = plots.panel_gap(16)
+    assert fig.axes[0].images[0].get_array().shape == (E * 16 + (E - 1) * gap, (L + 2) * 16 + (L + 1) * gap, 3)
+    assert _grid_labels(fig) == (['image', 'L1', 'L2', 'L3', 'rollout'], ['true: a / pred: a \u2713', 'x'])
+    pixels = images.numpy()
+    np.testing.assert_allclose(_grid_panel(fig, 1, 0), pixels[1] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(_grid_panel(fig, 1, 2), plots.panel(pixels[1], cls_maps[1, 1], LAYOUT), atol=1e-6)
+    np.testing.assert_allclose(_grid_panel(fig, 0, L + 1), plots.panel(pixels[0], rollout[0], LAYOUT), atol=1e-6)
     path = plots.save_figure(fig, tmp_path / 'sub' / 'grid.png')
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert [p.name for p in path.parent.iterdir()] == ['grid.png']  # no temporary file left behind
+
+
+def test_panel_scales_each_map_to_its_own_maximum_and_blends_it_over_the_image():
+    import matplotlib
+    cmap = matplotlib.colormaps[plots.ATTENTION_CMAP]
+    values = torch.tensor([0.1, 0.4, 0.2, 0.05])  # patch 1 (top right) is the maximum
+    alone = plots.panel(None, values, LAYOUT)
+    np.testing.assert_allclose(alone, plots.panel(None, 10 * values, LAYOUT))  # scale-free
+    np.testing.assert_allclose(alone[0, 8], cmap(1.0)[:3])  # the top patch gets the top colour
+    np.testing.assert_allclose(alone[8, 0], cmap(0.5)[:3])  # 0.2 / 0.4
+    image = np.full((16, 16, 3), 255, np.uint8)
+    over = plots.panel(image, values, LAYOUT)
+    np.testing.assert_allclose(over, (1 - plots.OVERLAY_ALPHA) + plots.OVERLAY_ALPHA * alone)
 
 
 def test_layer_grid_rejects_images_that_do_not_match_the_layout():
@@ -83,9 +112,11 @@ def test_head_maps_has_image_each_head_and_mean():
 
 
 def test_class_mean_maps_has_classes_as_rows_layers_as_columns():
-    fig = plots.class_mean_maps(np.random.rand(3, L, P), ['a', 'b', 'c'], LAYOUT)
-    assert len(_image_axes(fig)) == 3 * L
-    assert [fig.axes[c * L].get_ylabel() for c in range(3)] == ['a', 'b', 'c']
+    maps = np.random.rand(3, L, P)
+    fig = plots.class_mean_maps(maps, ['a', 'b', 'c'], LAYOUT)
+    assert len(fig.axes) == 1
+    assert _grid_labels(fig) == (['L1', 'L2', 'L3'], ['a', 'b', 'c'])
+    np.testing.assert_allclose(_grid_panel(fig, 2, 1), plots.panel(None, maps[2, 1], LAYOUT), atol=1e-6)
     with pytest.raises(ValueError, match='one name per map'):
         plots.class_mean_maps(np.random.rand(3, L, P), ['a'], LAYOUT)
 
