@@ -98,13 +98,16 @@ def summary_figures(summary_path: Union[str, Path], figures_dir: Union[str, Path
 
 def class_map_pages(counts: torch.Tensor) -> List[Tuple[str, List[int]]]:
     """The class-map figures: ``(figure name, class indices shown)``, every class with images, in label order,
-    `MAX_CLASS_MAP_ROWS` per figure (``class_maps``, ``class_maps_2``, ...; one figure up to that many classes).
+    at most `MAX_CLASS_MAP_ROWS` per figure, pages of equal size (``class_maps``, ``class_maps_2``, ...; one figure
+    up to that many classes).
 
     Args:
         counts: ``[C]`` images per class in the summary.
     """
     classes = [c for c in range(len(counts)) if int(counts[c]) > 0]
-    pages = [classes[i:i + MAX_CLASS_MAP_ROWS] for i in range(0, len(classes), MAX_CLASS_MAP_ROWS)]
+    num_pages = -(-len(classes) // MAX_CLASS_MAP_ROWS)
+    per_page = -(-len(classes) // num_pages) if num_pages else 1  # balanced: 102 classes -> 6 pages of 17
+    pages = [classes[i:i + per_page] for i in range(0, len(classes), per_page)]
     return [('class_maps' if k == 0 else f'class_maps_{k + 1}', page) for k, page in enumerate(pages)]
 
 

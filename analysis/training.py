@@ -326,7 +326,7 @@ def ensure_base(name: str) -> Path:
     partial = final.with_name(final.name + '.partial')
     logger.warning(f'{name}: building the base model (first use); it will be cached in {final}')
     _, config = base_config(name)
-    run(*parse_config(config, output_dir=str(partial)))
+    run(*parse_config(config, output_dir=str(partial), run_name=name))
     state = PartialState()
     if state.is_main_process:
         try:
@@ -518,12 +518,19 @@ def extract_attention(model: TimmViTForImageClassification, dataset: datasets.Da
     extraction, test_metrics = extract_and_score(
         model, dataset[split], training_args.output_dir, split=split, summary_file=summary_file,
         metrics_file=metrics_file, sharded=True, batch_size=training_args.per_device_eval_batch_size,
-        max_batches=model_args.analysis_batches, model_id=model_args.model_name_or_path,
+        max_batches=model_args.analysis_batches, model_id=model_args.model_name_or_path if stage == 'start'
+        else trained_model_name(training_args),
         dataset_name=data_args.dataset_name, progress=not training_args.disable_tqdm,
         num_workers=training_args.dataloader_num_workers,
         full_maps=FULL_MAPS if stage == 'end' else 0)  # the report's explorer shows these images' full maps
     logger.info(f'attention of the {stage} weights on {split} images -> {extraction.path}')
     return test_metrics
+
+
+def trained_model_name(training_args: TrainingArguments) -> str:
+    """What the trained model is called in its summary and report: --run_name, else --hub_model_id, else the
+    output folder's name (a base is run as ``base:<config>``)."""
+    return training_args.run_name or training_args.hub_model_id or Path(training_args.output_dir).name
 
 
 def analyse(model, dataset, model_args, data_args, training_args) -> None:

@@ -66,6 +66,7 @@ def test_base_is_built_once_and_cached_by_its_config(base, cache, monkeypatch):
     assert (folder / 'model.safetensors').is_file() and not folder.with_name(folder.name + '.partial').exists()
     for produced in ('README.md', 'report.html', 'attention_metrics.json'):  # the base's own card and report
         assert (folder / produced).is_file(), produced
+    assert f'<h1>Attention report: {name}</h1>' in (folder / 'report.html').read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError('the cached base was trained again')
@@ -143,6 +144,8 @@ def test_start_attention_is_the_bases_and_training_records_the_change(base, tmp_
     change = json.loads((out / 'attention_change.json').read_text())
     assert change['num_images'] == ours['num_images'] and len(change['js_divergence']['mean']) == 2
     assert max(change['js_divergence']['mean']) > 0  # three steps of training moved something
+    assert (change['start_model'], change['end_model']) == (name, 'run')  # the base, then the fine-tuned model
+    assert '<h1>Attention report: run</h1>' in (out / 'report.html').read_text()
     assert 'What training changed in the attention' in (out / 'README.md').read_text()
     assert 'id="change"' in (out / 'report.html').read_text()
 

@@ -80,7 +80,8 @@ def test_class_map_pages_show_every_class_with_images():
     pages = figures.class_map_pages(counts)
     assert [name for name, _ in pages] == ['class_maps', 'class_maps_2', 'class_maps_3']
     assert [c for _, shown in pages for c in shown] == list(range(44))
-    assert max(len(shown) for _, shown in pages) == figures.MAX_CLASS_MAP_ROWS
+    assert [len(shown) for _, shown in pages] == [15, 15, 14]  # at most MAX_CLASS_MAP_ROWS (20), balanced
+    assert [len(shown) for _, shown in figures.class_map_pages(torch.ones(102))] == [17] * 6
     assert figures.class_map_pages(torch.tensor([2, 0, 1])) == [('class_maps', [0, 2])]  # one figure, as before
 
 
@@ -89,7 +90,7 @@ def test_report_and_card_at_many_classes(tmp_path):
     page = report.write_report(run).read_text()
     names = sorted(p.name for p in (run / 'figures').iterdir())
     assert names == ['class_maps.png', 'class_maps_2.png', 'confusion_matrix.png', 'f1_bars.png']
-    for k, classes in ((1, '1-20'), (2, '21-24')):
+    for k, classes in ((1, '1-12'), (2, '13-24')):
         assert f'page {k} of 2: classes {classes} of the 24 with images' in page
     assert page.count('1 class without images in the summary') == 2 * 2  # image alt text and caption
     assert 'Every class with images is shown, in 2 pages of at most 20 classes' in page
