@@ -165,10 +165,21 @@ def _load_model(name: str):
     return TimmViTForImageClassification.from_pretrained(name).eval()
 
 
-def _dataset_for(data_args):
-    """The dataset the arguments name, with unreadable images dropped (as train_hf.py does)."""
+def _dataset_for(data_args, rank: int = 0, world_size: int = 1):
+    """The dataset the arguments name, with unreadable images dropped (as train_hf.py does).
+
+    In a distributed run (``rank`` of ``world_size``) process 0 generates / prepares the dataset
+    first and the others then read its cache; the images are checked by every process at once.
+    """
+    import torch
+
     from data_scripts import check_images, load_flower_dataset
-    dataset, _ = check_images(load_flower_dataset(data_args), strict=data_args.strict_images)
+    if rank > 0:
+        torch.distributed.barrier()
+    dataset = load_flower_dataset(data_args)
+    if rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    dataset, _ = check_images(dataset, strict=data_args.strict_images)
     return dataset
 
 
@@ -180,7 +191,6 @@ def _split(dataset, split: str):
 
 def cmd_extract(argv: List[str]) -> None:
     """Under ``accelerate launch --num_processes N`` every process streams a share of the split; rank 0 merges."""
-    import torch
     from accelerate import PartialState
 
     from .extract import distributed_rank, extract_to_file
@@ -192,11 +202,7 @@ def cmd_extract(argv: List[str]) -> None:
     device = PartialState().device  # starts the process group under accelerate launch; this process's device
     rank, world_size = distributed_rank()  # (accelerate's own index reads 0 on every CPU process)
     model = _load_model(flags.model).to(device)
-    if rank > 0:  # rank 0 generates / prepares the dataset first, the others then read its cache
-        torch.distributed.barrier()
-    dataset = _dataset_for(data_args)
-    if rank == 0 and world_size > 1:
-        torch.distributed.barrier()
+    dataset = _dataset_for(data_args, rank, world_size)
     result = extract_to_file(
         model, _split(dataset, flags.split), output, metrics_path=output.parent / METRICS_FILE, sharded=True,
         batch_size=flags.batch_size, full_maps=flags.full_maps, max_batches=flags.max_batches, model_id=flags.model,

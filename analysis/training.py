@@ -269,9 +269,9 @@ def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
 
 def load_data(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
     """Loads the dataset and drops unreadable images before anything trains (see data_report.json)."""
-    with training_args.main_process_first(desc='loading the dataset'):
+    with training_args.main_process_first(desc='loading the dataset'):  # the others then read its cache
         dataset = load_flower_dataset(data_args)
-        dataset, report = check_images(dataset)
+    dataset, report = check_images(dataset)  # every process at once
     report_path = os.path.join(training_args.output_dir, 'data_report.json')
     if training_args.should_save:
         write_json(report_path, report)

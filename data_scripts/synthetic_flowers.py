@@ -584,12 +584,10 @@ VARIANTS = ("original", "only_fg", "no_fg", "only_bg_t", "mixed_same", "mixed_ra
 MIXED_VARIANTS = ("mixed_same", "mixed_rand")
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-
-
-def _mask_image(mask: np.ndarray) -> Image.Image:
-    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+def to_images(image: np.ndarray, mask: np.ndarray) -> tuple[Image.Image, Image.Image]:
+    """``[S, S, 3]`` floats in [0, 1] and a boolean ``[S, S]`` mask -> an RGB image and an "L" mask (255 = object)."""
+    pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB"), Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
 
 
 def render_example(config: SyntheticFlowersConfig, split: str, index: int) -> tuple[Image.Image, Image.Image, int]:
@@ -607,7 +605,7 @@ def render_example(config: SyntheticFlowersConfig, split: str, index: int) -> tu
     flower, mask = render_flower_layer(config, spec)  # [S, S, 3], [S, S]
     background = render_background_layer(config, spec)  # [S, S, 3]
     image = np.where(mask[..., None], flower, background)
-    return Image.fromarray(_to_uint8(image), mode="RGB"), _mask_image(mask), spec.label
+    return *to_images(image, mask), spec.label
 
 
 def render_variant(
@@ -658,7 +656,7 @@ def render_variant(
         image = np.where(mask[..., None], flower, render_background_layer(config, partner))
     else:  # original
         image = np.where(mask[..., None], flower, render_background_layer(config, spec))
-    return Image.fromarray(_to_uint8(image), mode="RGB"), _mask_image(mask)
+    return to_images(image, mask)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .synthetic_flowers import BACKGROUND_FAMILIES as FLOWER_BACKGROUND_FAMILIES
-from .synthetic_flowers import SPLITS, SyntheticBuilder, SyntheticSplits, render_background
+from .synthetic_flowers import SPLITS, SyntheticBuilder, SyntheticSplits, render_background, to_images
 
 logger = logging.getLogger(__name__)
 
@@ -489,10 +489,6 @@ def render_background_layer(config: SyntheticShapesConfig, spec: ShapeSpec) -> n
 # --------------------------------------------------------------------------------------
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-
-
 def render_example(config: SyntheticShapesConfig, split: str, index: int) -> tuple[Image.Image, Image.Image, int]:
     """Render example ``index`` of ``split``.
 
@@ -508,8 +504,7 @@ def render_example(config: SyntheticShapesConfig, split: str, index: int) -> tup
     colours, mask = render_object_layer(config, spec)  # [S, S, 3], [S, S]
     background = render_background_layer(config, spec)  # [S, S, 3]
     image = np.where(mask[..., None], colours, background)
-    mask_image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    return Image.fromarray(_to_uint8(image), mode="RGB"), mask_image, spec.label
+    return *to_images(image, mask), spec.label
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny real training run that the end-to-end tests read; a fake Hub."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -21,17 +22,26 @@ def tiny_args(output_dir, *extra):
             '--disable_tqdm', 'true', *extra]
 
 
+@contextlib.contextmanager
+def base_cache_at(folder: Path):
+    """FLOWER_VIT_LENS_CACHE set to ``folder`` inside the block, restored after it."""
+    from analysis import training
+    old = os.environ.get(training.CACHE_ENV)
+    os.environ[training.CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if old is None:
+            del os.environ[training.CACHE_ENV]
+        else:
+            os.environ[training.CACHE_ENV] = old
+
+
 @pytest.fixture(scope='session', autouse=True)
 def base_cache(tmp_path_factory):
     """Bases built by the tests (``base:<config>``) go to a temporary cache, never the user's."""
-    from analysis import training
-    old = os.environ.get(training.CACHE_ENV)
-    os.environ[training.CACHE_ENV] = str(tmp_path_factory.mktemp('base_cache'))
-    yield Path(os.environ[training.CACHE_ENV])
-    if old is None:
-        del os.environ[training.CACHE_ENV]
-    else:
-        os.environ[training.CACHE_ENV] = old
+    with base_cache_at(tmp_path_factory.mktemp('base_cache')) as folder:
+        yield folder
 
 
 @pytest.fixture(scope='session')

@@ -40,17 +40,22 @@ def test_image_and_mask_format():
     assert set(np.unique(pixels(mask))) == {0, 255}
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """A float layer in [0, 1] as the renderer's 8-bit pixels."""
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
 def test_mask_is_exactly_where_the_object_is():
     config = SyntheticShapesConfig(train_per_class=2)
     for index in range(2 * ss.MAX_CLASSES):  # every class twice
         img, mask, _ = render_example(config, "train", index)
         spec = ss.sample_spec(config, "train", index)
-        background = ss._to_uint8(ss.render_background_layer(config, spec))
+        background = to_uint8(ss.render_background_layer(config, spec))
         colours, object_mask = ss.render_object_layer(config, spec)
         m = pixels(mask) > 0
         assert np.array_equal(m, object_mask)
         assert np.array_equal(pixels(img)[~m], background[~m].astype(np.int64)), index  # background untouched
-        assert np.array_equal(pixels(img)[m], ss._to_uint8(colours)[m].astype(np.int64)), index  # object only
+        assert np.array_equal(pixels(img)[m], to_uint8(colours)[m].astype(np.int64)), index  # object only
         assert 0.01 < m.mean() < 0.7, index
         assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), index  # inside the image
 
@@ -69,7 +74,7 @@ def test_disk_mask_matches_the_analytic_circle_and_ring_has_a_hole():
         img, mask, _ = render_example(config, "train", index)
         spec = ss.sample_spec(config, "train", index)
         cy, cx = (int(v) for v in spec.centre_yx)
-        background = ss._to_uint8(ss.render_background_layer(config, spec))
+        background = to_uint8(ss.render_background_layer(config, spec))
         assert pixels(mask)[cy, cx] == 0  # the hole shows the background
         assert np.array_equal(pixels(img)[cy, cx], background[cy, cx])
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import train_hf
 from analysis import cli, training
 from analysis.attention_change import attention_change, compare_runs, js_divergence
-from conftest import TINY_DATA, TINY_MODEL, tiny_args
+from conftest import TINY_DATA, TINY_MODEL, base_cache_at, tiny_args
 from data_scripts.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +35,8 @@ def base_config(**changes):
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
     """A fresh base cache for this module (FLOWER_VIT_LENS_CACHE), restored afterwards."""
-    old = os.environ.get(training.CACHE_ENV)
-    os.environ[training.CACHE_ENV] = str(tmp_path_factory.mktemp('cache'))
-    yield Path(os.environ[training.CACHE_ENV])
-    if old is None:
-        del os.environ[training.CACHE_ENV]
-    else:
-        os.environ[training.CACHE_ENV] = old
+    with base_cache_at(tmp_path_factory.mktemp('cache')) as folder:
+        yield folder
 
 
 @pytest.fixture(scope='module')
