@@ -48,10 +48,18 @@ logger = logging.getLogger(__name__)
 BASE_PREFIX = 'base:'  # base:<packaged config name, or a config .json>: a model trained from that config, cached
 DEMO_BASE = 'base:shapes'  # configs/base_shapes.json: the demo's pretrained backbone (synthetic shapes)
 CACHE_ENV = 'FLOWER_VIT_LENS_CACHE'
-# The demo base is trained on 32-px shapes (4x cheaper steps) and fine-tuned at the flowers' 64 px, as
-# ImageNet ViTs are fine-tuned above their pretraining resolution: timm resamples the position embedding.
-DEMO_MODEL_ARGS = {'img_size': 64}
 BASE_CACHE_VERSION = 1  # part of the cache key: bump when building a base changes
+
+
+def json_dict(flag: str, value) -> Dict:
+    """A flag's JSON dict (a string, a dict or None: empty), or a ValueError naming the flag."""
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else (value or {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{flag} must be a JSON dict, got {value!r}: {e}') from e
+    if not isinstance(parsed, dict):
+        raise ValueError(f'{flag} must be a JSON dict, got {value!r}')
+    return parsed
 
 
 @dataclass
@@ -71,8 +79,13 @@ class ModelArguments:
         default=None,
         metadata={'help': 'JSON dict of timm.create_model arguments (depth, img_size, drop_path_rate, ...); for a '
                           'checkpoint they override its own and must not change the shape of its tensors (img_size '
-                          f'may: the position embedding is resampled). Default: {json.dumps(DEMO_MODEL_ARGS)} for '
-                          f'{DEMO_BASE}, none otherwise.'})
+                          'may: the position embedding is resampled). Default: for base:<config>, the '
+                          'fine_tune_model_args of that config; none otherwise.'})
+    fine_tune_model_args: Optional[str] = field(
+        default=None,
+        metadata={'help': 'In a base config: the --model_args of a model fine-tuned from this base that gives none, '
+                          'e.g. {"img_size": 64} when the base is trained at a lower resolution than it is '
+                          'fine-tuned at (configs/base_shapes.json: 32 px, fine-tuned at 64 px).'})
     min_crop_scale: float = field(
         default=0.6,
         metadata={'help': 'Lower bound of the random-resized-crop area in training (timm uses 0.08; small '
@@ -90,15 +103,13 @@ class ModelArguments:
                           'this many test images (0: skip; python -m analysis faithfulness scores more).'})
 
     def __post_init__(self):
-        try:
-            parsed = json.loads(self.model_args) if isinstance(self.model_args, str) else (self.model_args or {})
-        except json.JSONDecodeError as e:
-            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}: {e}') from e
-        if not isinstance(parsed, dict):
-            raise ValueError(f'--model_args must be a JSON dict, got {self.model_args!r}')
-        if self.model_args is None and self.model_name_or_path == DEMO_BASE:
-            parsed = dict(DEMO_MODEL_ARGS)
-        self.model_args = json.dumps(parsed)
+        name = self.model_name_or_path
+        base = base_config(name)[1] if name.startswith(BASE_PREFIX) else None  # raises if there is no such config
+        given = self.model_args
+        if given is None and base is not None:  # the base says how it is fine-tuned
+            given = base.get('fine_tune_model_args')
+        self.model_args = json.dumps(json_dict('--model_args', given))
+        json_dict('--fine_tune_model_args', self.fine_tune_model_args)
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f'--min_crop_scale must be in (0, 1], got {self.min_crop_scale}')
         if self.color_jitter < 0:
@@ -107,14 +118,11 @@ class ModelArguments:
             raise ValueError(f'--faithfulness_images must be >= 0 (0 skips the scores), got {self.faithfulness_images}')
         if self.analysis_batches is not None and self.analysis_batches < 1:
             raise ValueError(f'--analysis_batches must be >= 1 (or left out for all), got {self.analysis_batches}')
-        name = self.model_name_or_path
-        if name.startswith(BASE_PREFIX):
-            base_config(name)  # raises if there is no such config
-        elif looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        if base is None and looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
             raise FileNotFoundError(
                 f'--model_name_or_path {name} is not a folder: give the output directory of an earlier run, '
                 'a Hub repo id (user/name), a timm model name or base:<config>.')
-        elif '/' not in name and not os.path.isdir(name) and not timm.is_model(name):
+        if base is None and '/' not in name and not os.path.isdir(name) and not timm.is_model(name):
             raise ValueError(f'--model_name_or_path {name} is not a timm model name, a folder, a Hub repo id '
                              '(user/name) or base:<config>; see timm.list_models("vit_*").')
 

@@ -125,6 +125,14 @@ class SyntheticSplits:
         }[split]
         return per_class * self.num_classes
 
+    def check_index(self, split: str, index: int) -> None:
+        """Raises ValueError unless ``index`` is an example of ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        n = self.num_examples(split)
+        if not 0 <= index < n:
+            raise ValueError(f"index {index} out of range for split {split!r} with {n} examples.")
+
 
 @dataclasses.dataclass
 class SyntheticFlowersConfig(SyntheticSplits, datasets.BuilderConfig):
@@ -227,14 +235,6 @@ class ExampleSpec:
     background_seed: int
 
 
-def _check_split_index(config: SyntheticFlowersConfig, split: str, index: int) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    n = config.num_examples(split)
-    if not 0 <= index < n:
-        raise ValueError(f"index {index} out of range for split {split!r} with {n} examples.")
-
-
 def hue_range_deg(label: int, num_classes: int) -> tuple[float, float]:
     """Hue range of a class as (start, end) degrees along the hue arc (end > start).
 
@@ -281,7 +281,7 @@ def sample_spec(config: SyntheticFlowersConfig, split: str, index: int) -> Examp
     Returns:
         The example's specification.
     """
-    _check_split_index(config, split, index)
+    config.check_index(split, index)
     rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
     num_classes = config.num_classes
     label = index % num_classes

@@ -189,14 +189,6 @@ class ShapeSpec:
     background_seed: int
 
 
-def _check_split_index(config: SyntheticShapesConfig, split: str, index: int) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    n = config.num_examples(split)
-    if not 0 <= index < n:
-        raise ValueError(f"index {index} out of range for split {split!r} with {n} examples.")
-
-
 def hue_range(label: int) -> tuple[float, float]:
     """Hue range of a class's first colour, as (start, end) in turns (end > start; wrap mod 1).
 
@@ -223,7 +215,7 @@ def sample_spec(config: SyntheticShapesConfig, split: str, index: int) -> ShapeS
     Returns:
         The example's specification.
     """
-    _check_split_index(config, split, index)
+    config.check_index(split, index)
     rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
     label = index % config.num_classes
     _, _, class_fill = CLASSES[label]
