@@ -16,14 +16,15 @@ traceback.
 import sys
 from typing import Dict, List, Optional
 
-from analysis.training import parse_args, run
+from analysis.train.args import parse_args
+from analysis.train.job import run
 from data_scripts.errors import run_main
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     """The job: flags (or a config file) -> data, model, Trainer, train, evaluate, analyse, card, push.
 
-    The steps are `analysis.training.run`, a package function, so that the background study and
+    The steps are `analysis.train.job.run`, a package function, so that the background study and
     the base-model cache run the same job.
     """
     model_args, data_args, training_args = parse_args(argv)

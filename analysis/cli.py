@@ -9,6 +9,7 @@
     faithfulness  which attention map explains the decision: deletion / insertion AUC  (faithfulness.json + figure)
     compress    a smaller, faster model: blocks removed by importance, distilled, measured (compress.json + run dir)
     study       correlated vs random backgrounds, trained and measured end to end
+    seeds       the same training job N times (seeds, bases): which findings hold across runs (seeds.json)
     push        publish an output directory to the Hugging Face Hub (or --dry_run into a folder)
 
 Dataset flags are train_hf.py's (``--dataset_name``/``--dataset``, ``--train_dir``, ``--synthetic_*``, ...);
@@ -23,11 +24,11 @@ from typing import List, Optional
 
 from transformers import HfArgumentParser
 
-from data_scripts.errors import run_main
+from analysis.core.run_files import FIGURES_DIR
+from data_scripts.errors import UserError, run_main
 
 logger = logging.getLogger('analysis')
 
-DATASET_FLAGS = ('--dataset_name', '--dataset', '--train_dir', '--data_dir')
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ExtractFlags(ModelFlags):
 @dataclass
 class HeatmapFlags:
     summary: str = field(metadata={'help': 'An attentions.safetensors written by extract.'})
-    output: str = field(default='figures', metadata={'help': 'Folder for the PNG figures.'})
+    output: str = field(default=FIGURES_DIR, metadata={'help': 'Folder for the PNG figures.'})
 
 
 @dataclass
@@ -85,31 +86,12 @@ class FaithfulnessFlags(ModelFlags):
 
 
 @dataclass
-class CompressFlags:
-    """Any other flag is a train_hf flag that overrides the full run's settings (--learning_rate, --max_steps, ...)."""
-    model: str = field(metadata={'help': 'Output directory of the full model\'s training run.'})
-    output_dir: str = field(metadata={'help': 'Where the compressed run goes (a new folder).'})
-    max_accuracy_drop: float = field(default=0.01, metadata={
-        'help': 'Keep the smallest model whose validation accuracy after distillation is at most this much below '
-                'the full model\'s; in [0, 1), 0.01 = 1 point.'})
-    distill_epochs: float = field(default=3.0, metadata={'help': 'Distillation epochs of each candidate depth.'})
-    temperature: float = field(default=2.0, metadata={'help': 'Distillation temperature T.'})
-    alpha: float = field(default=0.5, metadata={'help': 'Weight of the teacher (KL) term; 1 - alpha on the labels.'})
-    selection_images: int = field(default=256, metadata={'help': 'Training images that rank the blocks.'})
-    speed_rounds: int = field(default=5, metadata={'help': 'Rounds of the alternating CPU speed measurement.'})
-    base_model: Optional[str] = field(default=None, metadata={
-        'help': 'Hub repo id of the full model, for the card\'s base_model, when its own files do not record it.'})
-
-    def __post_init__(self):
-        if not 0.0 <= self.max_accuracy_drop < 1.0:
-            raise ValueError(f'--max_accuracy_drop must lie in [0, 1) (a share of accuracy, 0.01 = 1 point), '
-                             f'got {self.max_accuracy_drop}')
-
-
-@dataclass
 class RunStudyFlags:
     output_dir: str = field(default='outputs/study', metadata={'help': 'Where both runs and the table go.'})
     quick: bool = field(default=False, metadata={'help': 'Tiny budget (smoke test), not the real study.'})
+    seeds: int = field(default=1, metadata={
+        'help': 'Train the fine-tuned pair with this many training seeds and say what holds across them (the '
+                'scratch pair stays single-seed).'})
 
 
 @dataclass
@@ -139,7 +121,7 @@ def _parse(flags, argv: List[str], with_data: bool = False):
         *parsed, files = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         unknown = [f for f in files if f.startswith('-')]
         if unknown:
-            raise ValueError(f'unknown flags: {unknown}')
+            raise UserError(f'unknown flags: {unknown}')
         return (*parsed, files)
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -149,10 +131,12 @@ def _run_data_defaults(argv: List[str]) -> dict:
     from data_scripts import DataArguments
     model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--model'),
                  next((a.split('=', 1)[1] for a in argv if a.startswith('--model=')), None))
-    run_config = Path(model).expanduser() / 'run_config.json' if model else None
+    from analysis.core.run_files import RUN_CONFIG_FILE
+    run_config = Path(model).expanduser() / RUN_CONFIG_FILE if model else None
     if run_config is None or not run_config.is_file():
+        from analysis.train.args import DATASET_FLAGS
         if not any(a.split('=')[0] in DATASET_FLAGS for a in argv):
-            raise ValueError('name the dataset (--dataset_name synthetic|oxford102|<hub id>, --train_dir DIR, ...): '
+            raise UserError('name the dataset (--dataset_name synthetic|oxford102|<hub id>, --train_dir DIR, ...): '
                              '--model is not the output directory of a run, so there is no dataset to default to')
         return {}
     data = json.loads(run_config.read_text())['data']
@@ -161,7 +145,7 @@ def _run_data_defaults(argv: List[str]) -> dict:
 
 
 def _load_model(name: str):
-    from .modeling import TimmViTForImageClassification
+    from analysis.modeling.vit import TimmViTForImageClassification
     return TimmViTForImageClassification.from_pretrained(name).eval()
 
 
@@ -185,7 +169,7 @@ def _dataset_for(data_args, rank: int = 0, world_size: int = 1):
 
 def _split(dataset, split: str):
     if split not in dataset:
-        raise ValueError(f'--split {split}: the dataset has splits {list(dataset)}')
+        raise UserError(f'--split {split}: the dataset has splits {list(dataset)}')
     return dataset[split]
 
 
@@ -193,13 +177,15 @@ def cmd_extract(argv: List[str]) -> None:
     """Under ``accelerate launch --num_processes N`` every process streams a share of the split; rank 0 merges."""
     from accelerate import PartialState
 
-    from .extract import distributed_rank, extract_to_file
-    from .run_files import METRICS_FILE, SUMMARY_FILE
+    from analysis.core.launch import check_launch
+    from analysis.core.run_files import METRICS_FILE, SUMMARY_FILE
+    from analysis.maps.extract import distributed_rank, extract_to_file
+    device = PartialState().device  # starts the process group under accelerate launch; this process's device
+    check_launch(distributed_rank()[1] > 1)  # the shards follow torch.distributed; before any data is loaded
     flags, data_args = _parse(ExtractFlags, argv, with_data=True)
     output = Path(flags.output) if flags.output else Path(flags.model) / SUMMARY_FILE
     if not flags.output and not Path(flags.model).is_dir():
-        raise ValueError('--output is required when --model is not an output directory')
-    device = PartialState().device  # starts the process group under accelerate launch; this process's device
+        raise UserError('--output is required when --model is not an output directory')
     rank, world_size = distributed_rank()  # (accelerate's own index reads 0 on every CPU process)
     model = _load_model(flags.model).to(device)
     dataset = _dataset_for(data_args, rank, world_size)
@@ -213,20 +199,19 @@ def cmd_extract(argv: List[str]) -> None:
 
 
 def cmd_heatmaps(argv: List[str]) -> None:
-    from .figures import summary_figures
+    from analysis.render.figures import summary_figures
     (flags,) = _parse(HeatmapFlags, argv)
     paths = summary_figures(flags.summary, flags.output)
     print('\n'.join(f'wrote {p}' for p in paths.values()))
 
 
 def cmd_image(argv: List[str]) -> None:
+    from analysis.maps.extract import attend_images
+    from analysis.render import plots
     from data_scripts import open_image
-
-    from . import plots
-    from .extract import attend_images
     flags, files = _parse(ImageFlags, argv)
     if not files:
-        raise ValueError('give one or more image files: python -m analysis image --model <m> a.jpg b.png')
+        raise UserError('give one or more image files: python -m analysis image --model <m> a.jpg b.png')
     images = [open_image(f) for f in files]  # upright (EXIF orientation applied), RGB
     model = _load_model(flags.model)
     result = attend_images(model, images)
@@ -243,14 +228,15 @@ def cmd_image(argv: List[str]) -> None:
 
 
 def cmd_report(argv: List[str]) -> None:
-    from .report import write_report
-    from .run_files import SUMMARY_FILE
-    from .summary import check_summary_matches, read_summary_meta
+    from analysis.core.run_files import CONFIG_FILE, SUMMARY_FILE
+    from analysis.maps.summary import check_summary_matches, read_summary_meta
+    from analysis.render.figures import render_figures
+    from analysis.render.report import write_report
     (flags,) = _parse(ReportFlags, argv)
     run = Path(flags.output_dir)
-    if (run / SUMMARY_FILE).is_file() and (run / 'config.json').is_file():
+    if (run / SUMMARY_FILE).is_file() and (run / CONFIG_FILE).is_file():
         check_summary_matches(read_summary_meta(run / SUMMARY_FILE), _load_model(str(run)))
-    print(f'wrote {write_report(run)}')
+    print(f'wrote {write_report(run, render_figures(run))}')
 
 
 def _study_output(flags) -> Path:
@@ -258,23 +244,25 @@ def _study_output(flags) -> Path:
         return Path(flags.output)
     if Path(flags.model).is_dir():
         return Path(flags.model)
-    raise ValueError('--output is required when --model is not an output directory')
+    raise UserError('--output is required when --model is not an output directory')
 
 
 def _write_study(output: Path, name: str, result: dict, figure) -> None:
-    from . import plots
+    from analysis.core.run_files import FIGURES_DIR
+    from analysis.render import plots
     from data_scripts.files import write_json
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / f'{name}.json', result)
-    plots.save_figure(figure(result), output / 'figures' / f'{name}.png')
-    print(f'wrote {output / f"{name}.json"} and {output / "figures" / f"{name}.png"}')
+    figure_path = output / FIGURES_DIR / f'{name}.png'
+    plots.save_figure(figure(result), figure_path)
+    print(f'wrote {output / f"{name}.json"} and {figure_path}')
 
 
 def _one_process(command: str) -> None:
     """The studies run in one process (README, "Large splits and many processes"): refuse a multi-process launch."""
     import os
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        raise ValueError(f'{command} runs in one process (each of the {os.environ["WORLD_SIZE"]} launched would repeat '
+        raise UserError(f'{command} runs in one process (each of the {os.environ["WORLD_SIZE"]} launched would repeat '
                          f'the whole study); run it with python -m analysis {command} ... (it uses the GPU if there is one)')
 
 
@@ -284,8 +272,8 @@ def _study_device():
 
 
 def cmd_background(argv: List[str]) -> None:
-    from . import plots
-    from .background import background_study
+    from analysis.render import plots
+    from analysis.studies.background import background_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     _one_process('background')
     model = _load_model(flags.model).to(_study_device())
@@ -298,8 +286,8 @@ def cmd_background(argv: List[str]) -> None:
 
 
 def cmd_importance(argv: List[str]) -> None:
-    from . import plots
-    from .importance import importance_study
+    from analysis.render import plots
+    from analysis.studies.importance import importance_study
     flags, data_args = _parse(StudyFlags, argv, with_data=True)
     _one_process('importance')
     model = _load_model(flags.model).to(_study_device())
@@ -311,8 +299,8 @@ def cmd_importance(argv: List[str]) -> None:
 
 
 def cmd_faithfulness(argv: List[str]) -> None:
-    from . import plots
-    from .faithfulness import check_options, faithfulness_study
+    from analysis.render import plots
+    from analysis.studies.faithfulness import check_options, faithfulness_study
     flags, data_args = _parse(FaithfulnessFlags, argv, with_data=True)
     check_options(steps=flags.steps, baseline=flags.baseline, max_images=flags.max_images)  # before any loading
     _one_process('faithfulness')
@@ -327,7 +315,8 @@ def cmd_faithfulness(argv: List[str]) -> None:
 
 def cmd_compress(argv: List[str]) -> None:
     """The flags of CompressFlags; every other flag goes to the distillation runs as a train_hf flag."""
-    from .compress import compress_run
+    from analysis.compress.flags import CompressFlags
+    from analysis.compress.run import compress_run
     flags, train_flags = HfArgumentParser((CompressFlags,)).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     result = compress_run(flags.model, flags.output_dir, max_accuracy_drop=flags.max_accuracy_drop,
@@ -338,13 +327,38 @@ def cmd_compress(argv: List[str]) -> None:
 
 
 def cmd_study(argv: List[str]) -> None:
-    from .study import run_study
+    from analysis.study import run_study
     (flags,) = _parse(RunStudyFlags, argv)
-    run_study(flags.output_dir, quick=flags.quick)
+    if flags.seeds < 1:
+        raise UserError(f'--seeds must be >= 1, got {flags.seeds}')
+    run_study(flags.output_dir, quick=flags.quick, seeds=flags.seeds)
+
+
+@dataclass
+class SeedsFlags:
+    """Any other flag (or a config file first) is a train_hf flag, given to every run."""
+    output_dir: str = field(default='outputs/seeds', metadata={'help': 'Where the runs and seeds.json go.'})
+    seeds: str = field(default='42,0,1,2,3', metadata={'help': 'Training seeds, comma-separated: one run each.'})
+    base_seeds: int = field(default=1, metadata={
+        'help': 'Bases to fine-tune from (with base:<config>): 1 is the base of the config; K > 1 also rebuilds it '
+                'with seeds 1..K-1 (--base_seed), so that base-to-base variation is measured too.'})
+
+
+def cmd_seeds(argv: List[str]) -> None:
+    from analysis.seeds import parse_seeds, run_seeds
+    config = argv[:1] if argv and argv[0].endswith('.json') else []
+    flags, train_flags = HfArgumentParser((SeedsFlags,)).parse_args_into_dataclasses(
+        args=argv[len(config):], return_remaining_strings=True)
+    if flags.base_seeds < 1:
+        raise UserError(f'--base_seeds must be >= 1, got {flags.base_seeds}')
+    base_seeds = [None] + list(range(1, flags.base_seeds))
+    result = run_seeds([*config, *train_flags], flags.output_dir, seeds=parse_seeds(flags.seeds), base_seeds=base_seeds)
+    from analysis.core.run_files import SEEDS_FILE
+    print(f'wrote {Path(flags.output_dir) / SEEDS_FILE} ({result["num_runs"]} runs)')
 
 
 def cmd_push(argv: List[str]) -> None:
-    from .hub import push_output_dir
+    from analysis.publish.hub import push_output_dir
     (flags,) = _parse(PushFlags, argv)
     print(push_output_dir(flags.output_dir, flags.repo_id, private=flags.private, dry_run_dir=flags.dry_run))
 
@@ -352,7 +366,7 @@ def cmd_push(argv: List[str]) -> None:
 COMMANDS = {
     'extract': cmd_extract, 'heatmaps': cmd_heatmaps, 'image': cmd_image, 'report': cmd_report,
     'background': cmd_background, 'importance': cmd_importance, 'faithfulness': cmd_faithfulness,
-    'compress': cmd_compress, 'study': cmd_study, 'push': cmd_push,
+    'compress': cmd_compress, 'study': cmd_study, 'seeds': cmd_seeds, 'push': cmd_push,
 }
 
 

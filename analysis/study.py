@@ -1,6 +1,6 @@
 """The background-bias study: does a ViT trained where the background predicts the class use it?
 
-Four models are trained with the training job (`analysis.training.run`) on synthetic flowers, in two
+Four models are trained with the training job (`analysis.train.job.run`) on synthetic flowers, in two
 pairs. Within a pair the configs differ only in ``synthetic_background`` (``correlated``: class c
 mostly on background family c; ``random``: background independent of the class) and ``output_dir``:
 same seed, same data size, same budget.
@@ -10,9 +10,9 @@ same seed, same data size, same budget.
 * fine-tuned from the same pretrained base (``base:shapes``, as the demo):
   ``configs/study_finetuned_correlated.json``, ``configs/study_finetuned_random.json`` (4 epochs).
 
-Each model then goes through the background study (`analysis.background`), the layer/head
-importance study (`analysis.importance`) and the faithfulness scores (`analysis.faithfulness`) on
-its own test split; each fine-tuned model is also compressed (`analysis.compress`). Within each pair
+Each model then goes through the background study (`analysis.studies.background`), the layer/head
+importance study (`analysis.studies.importance`) and the faithfulness scores (`analysis.studies.faithfulness`) on
+its own test split; each fine-tuned model is also compressed (`analysis.compress.run`). Within each pair
 the study compares the two models, and, per layer, how far training moved the CLS attention off the
 flower (`attention_change.compare_runs` on each run's ``attention_change.json``: start vs end of
 training, with standard errors):
@@ -32,26 +32,27 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from analysis.compress.result import compress_summary
+from analysis.compress.run import compress_run
+from analysis.core.resources import config_file
+from analysis.core.run_files import BACKGROUND_FILE, CHANGE_FILE, FAITHFULNESS_FILE, IMPORTANCE_FILE, read_json
+from analysis.maps.attention_change import compare_runs
+from analysis.modeling.vit import TimmViTForImageClassification
+from analysis.render.figures import render_figures
+from analysis.render.findings import fmt
+from analysis.render.report import write_report
+from analysis.studies.background import background_study
+from analysis.studies.faithfulness import faithfulness_summary, faithfulness_to_dir
+from analysis.studies.importance import importance_study
+from analysis.studies.stability import direction, spread, verdict
+from analysis.train.args import DEMO_BASE, base_config, parse_args
+from analysis.train.job import run
 from data_scripts import load_flower_dataset
 from data_scripts.files import write_json, write_text
-
-from .attention_change import compare_runs
-from .background import background_study
-from .compress import compress_run
-from .compress import study_summary as compress_summary
-from .faithfulness import faithfulness_to_dir
-from .faithfulness import study_summary as faithfulness_summary
-from .findings import fmt
-from .importance import importance_study
-from .modeling import TimmViTForImageClassification
-from .report import write_report
-from .resources import config_file
-from .run_files import CHANGE_FILE, FAITHFULNESS_FILE, read_json
-from .training import DEMO_BASE, base_config, parse_args, run
 
 _logger = logging.getLogger(__name__)
 
@@ -119,12 +120,12 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
         model, dataset['test'], seed=seed, batch_size=batch_size, split='test', model_id=run_dir.name,
         synthetic_config=data_args.synthetic_config() if data_args.dataset_name == 'synthetic' else None)
     seconds['background'] = time.time() - start
-    write_json(run_dir / 'background.json', background)
+    write_json(run_dir / BACKGROUND_FILE, background)
 
     start = time.time()
     importance = importance_study(model, dataset, batch_size=batch_size, seed=seed, pruning_seconds=pruning_seconds)
     seconds['importance'] = time.time() - start
-    write_json(run_dir / 'importance.json', importance)
+    write_json(run_dir / IMPORTANCE_FILE, importance)
 
     start = time.time()
     if (run_dir / FAITHFULNESS_FILE).is_file():  # the training job scored its maps already
@@ -136,7 +137,7 @@ def analyse_model(run_dir: Path, config_path: Path, *, seed: int = 0, batch_size
     seconds['faithfulness'] = time.time() - start
 
     # The report renders every figure of the run, the studies' included.
-    write_report(run_dir)
+    write_report(run_dir, render_figures(run_dir))
     return {'background': background, 'importance': importance, 'faithfulness': faithfulness, 'seconds': seconds}
 
 
@@ -251,8 +252,90 @@ def compare(rows: List[Dict], correlated: str = 'correlated', random: str = 'ran
     ]
 
 
+REPLICATED = PAIRS['fine-tuned from the base']  # the pair --seeds trains again with other training seeds
+
+
+def replicate(output_dir: Path, training_seeds: Sequence[int], quick: bool, seed: int, batch_size: int) -> Dict:
+    """The fine-tuned pair trained again with each of ``training_seeds``: per seed, both models' bg_gap and
+    whether correlated training moved attention off the flower more than random, layer by layer; and what holds
+    across the seeds (`analysis.studies.stability.verdict`)."""
+    per_seed = []
+    for training_seed in training_seeds:
+        entry = {'seed': training_seed}
+        for name in REPLICATED:
+            config = study_config(name, output_dir, quick) | {'seed': training_seed,
+                                                              'output_dir': str(output_dir / f'{name}_seed{training_seed}')}
+            config_path = output_dir / 'configs' / f'{name}_seed{training_seed}.json'
+            write_json(config_path, config)
+            run(*parse_args([str(config_path)]))
+            run_dir = Path(config['output_dir'])
+            model = TimmViTForImageClassification.from_pretrained(str(run_dir)).eval()
+            data_args = parse_args([str(config_path)])[1]
+            background = background_study(
+                model, load_flower_dataset(data_args)['test'], seed=seed, batch_size=batch_size, split='test',
+                model_id=run_dir.name, synthetic_config=data_args.synthetic_config())
+            write_json(run_dir / BACKGROUND_FILE, background)
+            entry[name] = {'bg_gap': background['bg_gap'], 'variant_accuracy':
+                           {v: e['accuracy'] for v, e in background['variants'].items()},
+                           'num_images': background['num_images']}
+        correlated, random = REPLICATED
+        rows = [{'model': n, 'bg_gap': entry[n]['bg_gap'], 'variant_accuracy': entry[n]['variant_accuracy'],
+                 'num_images': entry[n]['num_images'], 'fg_lift_last_two': None} for n in REPLICATED]
+        entry['bg_gap_check'] = compare(rows, correlated, random)[0]
+        entry['attention_change'] = compare_runs(
+            read_json(output_dir / f'{correlated}_seed{training_seed}' / CHANGE_FILE),
+            read_json(output_dir / f'{random}_seed{training_seed}' / CHANGE_FILE))
+        per_seed.append(entry)
+    return {'seeds': list(training_seeds), 'per_seed': per_seed, **replication_verdicts(per_seed)}
+
+
+def replication_verdicts(per_seed: Sequence[Mapping]) -> Dict:
+    """bg_gap per seed with its mean and sd, and per layer whether "correlated moved attention off the flower more
+    than random" holds across the seeds (beyond 2 SE in each; `stability.verdict`)."""
+    correlated, random = REPLICATED
+    gaps = {name: spread([s[name]['bg_gap'] for s in per_seed]) for name in REPLICATED}
+    gap_directions = [direction(s['bg_gap_check']['correlated'] - s['bg_gap_check']['random'], s['bg_gap_check']['se'])
+                      for s in per_seed]
+    num_layers = len(per_seed[0]['attention_change']['layers'])
+    layers = []
+    for layer in range(num_layers):
+        entries = [s['attention_change']['layers'][layer] for s in per_seed]
+        directions = [direction(e['difference'], e['se']) for e in entries]
+        layers.append({'layer': layer, 'difference': spread([e['difference'] for e in entries]),
+                       'within_run_se': spread([e['se'] for e in entries])['mean'],
+                       **verdict(directions, -1)})  # negative: correlated moved off the flower more
+    return {'bg_gap': gaps, 'positive_control': verdict(gap_directions, +1), 'layers': layers}
+
+
+def replication_markdown(replication: Mapping) -> List[str]:
+    """The replicated pair in study.md: bg_gap per seed, and the per-layer verdicts across seeds."""
+    correlated, random = REPLICATED
+    lines = ['', f'## The fine-tuned pair over {len(replication["seeds"])} training seeds', '',
+             'The same pair trained again with each training seed (the scratch pair and the studies above are of '
+             'the first seed only). A verdict is stable when at least 80% of the seeds show it beyond 2 SE and '
+             'none shows the opposite.', '', '| seed | bg_gap correlated | bg_gap random | correlated larger? |',
+             '|---|---|---|---|']
+    for s in replication['per_seed']:
+        check = s['bg_gap_check']
+        noise = 'beyond' if abs(check['correlated'] - check['random']) > 2 * check['se'] else 'within'
+        lines.append(f'| {s["seed"]} | {fmt(s[correlated]["bg_gap"])} | {fmt(s[random]["bg_gap"])} | '
+                     f'{"yes" if check["holds"] else "no"} ({noise} 2 SE = {2 * check["se"]:.3f}) |')
+    gaps = replication['bg_gap']
+    lines += ['', f'bg_gap mean ± sd between seeds: correlated {fmt(gaps[correlated]["mean"])} ± '
+              f'{fmt(gaps[correlated]["sd"])}, random {fmt(gaps[random]["mean"])} ± {fmt(gaps[random]["sd"])}. '
+              f'Positive control (correlated bg_gap larger beyond 2 SE): {replication["positive_control"]["label"]} '
+              f'({replication["positive_control"]["shown"]} of {replication["positive_control"]["runs"]} seeds).', '',
+              '| layer | difference (correlated - random), mean ± sd between seeds | within-run SE | '
+              '"correlated moved off the flower more" |', '|---|---|---|---|']
+    for entry in replication['layers']:
+        d = entry['difference']
+        lines.append(f'| {entry["layer"] + 1} | {d["mean"]:+.4f} ± {fmt(d["sd"], digits=4)} | '
+                     f'{entry["within_run_se"]:.4f} | {entry["label"]} |')
+    return lines
+
+
 def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed: int = 0,
-              batch_size: int = 128) -> Dict:
+              batch_size: int = 128, seeds: int = 1) -> Dict:
     """Trains the four models, studies them, compresses the fine-tuned pair and writes the comparison.
 
     Args:
@@ -261,6 +344,8 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         seed: seed of the background donors, of the probes and of the faithfulness sample (training seeds
             come from the configs).
         batch_size: images per forward pass in the studies.
+        seeds: train the fine-tuned pair with this many training seeds (its config's and 1, 2, ...) and say
+            what holds across them (`replicate`); the scratch pair stays single-seed.
 
     Returns:
         The content of ``OUT/study.json``: ``{"models": [row per model], "checks": {pair: [...]},
@@ -300,9 +385,15 @@ def run_study(output_dir: Union[str, os.PathLike], *, quick: bool = False, seed:
         'attention_change': {pair: compare_runs(read_json(runs[c] / CHANGE_FILE), read_json(runs[r] / CHANGE_FILE))
                              for pair, (c, r) in PAIRS.items()},
         'compression': compression,
-        'seconds': seconds, 'wall_time_s': time.time() - start, 'quick': quick,
+        'seconds': seconds, 'quick': quick,
     }
+    if seeds > 1:
+        own_seed = study_config(REPLICATED[0], output_dir, quick).get('seed', 42)
+        study['replication'] = replicate(output_dir, [own_seed] + list(range(1, seeds)), quick, seed, batch_size)
+        study['replication']['per_seed'][0]['note'] = 'a retraining of the first seed: identical to the models above'
+    study['wall_time_s'] = time.time() - start
     write_json(output_dir / 'study.json', study)
-    write_text(output_dir / 'study.md', study_markdown(study))
+    write_text(output_dir / 'study.md', study_markdown(study)
+               + ('\n'.join(replication_markdown(study['replication'])) + '\n' if 'replication' in study else ''))
     _logger.info(f'study written to {output_dir / "study.md"} in {study["wall_time_s"]:.0f} s')
     return study

@@ -1,6 +1,6 @@
 """Attention extraction vs a plain inference pass, and peak memory for 200 vs 800 images.
 
-Throughput: `analysis.extract.extract_to_file` (output_attentions, rollout, metrics, per-image
+Throughput: `analysis.maps.extract.extract_to_file` (output_attentions, rollout, metrics, per-image
 rows streamed to the summary file) against a plain ``model(pixel_values)`` pass over the same split, same batches, same data
 loading, alternated in one process; the ratio is printed (target >= 0.7).
 
@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.extract import extract_to_file  # noqa: E402
-from analysis.modeling import TimmViTForImageClassification  # noqa: E402
-from analysis.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
+from analysis.maps.extract import extract_to_file  # noqa: E402
+from analysis.modeling.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
+from analysis.modeling.vit import TimmViTForImageClassification  # noqa: E402
 from data_scripts import DataArguments, load_flower_dataset  # noqa: E402
 
 MAX_PER_CLASS = 200  # one test split for every measurement: 1000 images
@@ -85,7 +85,7 @@ def peak_rss_child(model_name, num_images, batch_size) -> int:
     """Runs one extraction in a fresh process; returns its peak RSS in MiB."""
     code = (f'import sys, json, resource; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ["x"]\n'
             f'from bench.attention_throughput import load\n'
-            f'from analysis.extract import extract_to_file\n'
+            f'from analysis.maps.extract import extract_to_file\n'
             f'model, split = load({model_name!r}, {num_images})\n'
             f'extract_to_file(model, split, "/tmp/bench_attention_rss/attentions.safetensors", '
             f'batch_size={batch_size}, progress=False)\n'
@@ -132,12 +132,12 @@ def scale_child(command: str, num_images: int, data_images: int, batch_size: int
             extract_to_file(model, dataset['test'].select(range(num_images)), Path(tmp) / 'attentions.safetensors',
                             batch_size=batch_size, progress=False)
     elif command == 'background':
-        from analysis.background import background_study
+        from analysis.studies.background import background_study
         # the first rows: every class as often as the others (row i is of class i % C), as mixed_same needs
         background_study(model, dataset['test'].select(range(num_images)), batch_size=batch_size,
                          synthetic_config=data_args.synthetic_config(), split='test')
     else:
-        from analysis.importance import importance_study
+        from analysis.studies.importance import importance_study
         importance_study(model, dataset, batch_size=batch_size, max_train=num_images, max_test=num_images,
                          head_ablation=False)
     return {'peak_mib': status_mib('VmHWM'), 'setup_mib': setup, 'seconds': time.perf_counter() - start}

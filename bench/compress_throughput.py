@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.compress import SPEED_BATCH_SIZE, SPEED_THREADS, inference_throughput, speedup  # noqa: E402
-from analysis.modeling import TimmViTForImageClassification  # noqa: E402
-from analysis.run_files import COMPRESS_FILE  # noqa: E402
+from analysis.compress.speed import SPEED_BATCH_SIZE, SPEED_THREADS, inference_throughput, speedup  # noqa: E402
+from analysis.core.run_files import COMPRESS_FILE  # noqa: E402
+from analysis.modeling.vit import TimmViTForImageClassification  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 

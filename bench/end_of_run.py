@@ -1,8 +1,8 @@
 """The end of a demo run: one pass over the test split (today) against two (before), in whole runs.
 
 Today the job scores the test split with the logits of the eager extraction pass
-(`analysis.training.extract_attention`). Before, it also ran ``Trainer.predict`` on the test
-split (`analysis.training.evaluate_test`) and scored that. The two-pass run here is today's
+(`analysis.train.job.extract_attention`). Before, it also ran ``Trainer.predict`` on the test
+split (`analysis.train.job.evaluate_test`) and scored that. The two-pass run here is today's
 job with that prediction put back in front of the extraction, its metrics saved: the job as it was.
 
 Each run is the whole embedded default (``python train_hf.py``: data and base cached, fine-tuning,
@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis import training  # noqa: E402
+from analysis.train import args as train_args
+from analysis.train import base as train_base
+from analysis.train import job as training  # noqa: E402
 from data_scripts import DataArguments, load_flower_dataset  # noqa: E402
 
 WAYS = ('two passes', 'one pass')
@@ -74,7 +76,7 @@ def main():
     args = parser.parse_args()
 
     load_flower_dataset(DataArguments())  # the demo's data and base, built before any run is timed
-    training.ensure_base(training.ModelArguments().model_name_or_path)
+    train_base.ensure_base(train_args.ModelArguments().model_name_or_path, training.run)
     runs = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

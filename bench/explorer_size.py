@@ -22,10 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.explorer import explorer_data  # noqa: E402
-from analysis.report import write_report  # noqa: E402
-from analysis.run_files import REPORT_FILE, SUMMARY_FILE  # noqa: E402
-from analysis.summary import load_summary, save_summary  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from analysis.core.run_files import METRICS_FILE, REPORT_FILE, SUMMARY_FILE  # noqa: E402
+from analysis.maps.summary import load_summary  # noqa: E402
+from analysis.render.explorer import explorer_data  # noqa: E402
+from analysis.render.figures import render_figures
+from analysis.render.report import write_report  # noqa: E402
 
 RESULT_FILES = ('all_results.json', 'attention_metrics.json', 'background.json', 'importance.json',
                 'faithfulness.json', 'attention_change.json')
@@ -33,9 +36,9 @@ RESULT_FILES = ('all_results.json', 'attention_metrics.json', 'background.json',
 
 def vit_base_run(output_dir: Path, num_images: int) -> Path:
     """A random-weights ViT-B/16 224 px 'run': attention summary with 8 full maps, metrics, results."""
-    from analysis.extract import extract_to_dir
-    from analysis.metrics import classification_metrics
-    from analysis.modeling import TimmViTForImageClassification
+    from analysis.core.metrics import classification_metrics
+    from analysis.maps.extract import extract_to_file
+    from analysis.modeling.vit import TimmViTForImageClassification
     from data_scripts import DataArguments, load_flower_dataset
     classes = 5
     data = load_flower_dataset(DataArguments(
@@ -45,8 +48,9 @@ def vit_base_run(output_dir: Path, num_images: int) -> Path:
     names = test.features['label'].names
     model = TimmViTForImageClassification.from_timm('vit_base_patch16_224', pretrained=False, label_names=names).eval()
     output_dir.mkdir(parents=True, exist_ok=True)
-    done = extract_to_dir(model, test, output_dir, batch_size=8, full_maps=8, progress=False, split='test',
-                          model_id='vit_base_patch16_224 (random weights)', dataset_name='synthetic 224 px')
+    done = extract_to_file(model, test, output_dir / SUMMARY_FILE, metrics_path=output_dir / METRICS_FILE,
+                           batch_size=8, full_maps=8, progress=False, split='test',
+                           model_id='vit_base_patch16_224 (random weights)', dataset_name='synthetic 224 px')
     results = classification_metrics(done.labels.tolist(), done.predictions.tolist(), names)
     (output_dir / 'all_results.json').write_text(json.dumps({'test_' + k: v for k, v in results.items()}))
     return output_dir
@@ -64,10 +68,11 @@ def measure(run_dir: Path) -> dict:
         if packed is None:
             raise SystemExit(f'{run_dir / SUMMARY_FILE} holds no full maps: run python -m analysis extract '
                              f'--model {run_dir} --full_maps 8 first')
-        with_explorer = write_report(scratch).stat().st_size
+        with_explorer = write_report(scratch, render_figures(scratch)).stat().st_size
         tensors, meta = load_summary(scratch / SUMMARY_FILE)
-        save_summary(scratch / SUMMARY_FILE, {k: v for k, v in tensors.items() if not k.startswith('full_')}, meta)
-        without = write_report(scratch).stat().st_size
+        save_file({k: v for k, v in tensors.items() if not k.startswith('full_')}, str(scratch / SUMMARY_FILE),
+                  metadata={'analysis': json.dumps(meta)})  # the same summary without the full maps
+        without = write_report(scratch, render_figures(scratch)).stat().st_size
         assert 'id="explorer-data"' not in (scratch / REPORT_FILE).read_text()
     return {'run': str(run_dir), 'tokens': int(tensors['full_attention'].shape[-1]),
             'full_maps': list(tensors['full_attention'].shape), 'report_mb_without': without / 1e6,

@@ -4,7 +4,7 @@ Side by side in one process, on the same images and batch size (timings on a sha
 noisy; the ratios measured next to each other are what carries over to another machine):
 
 * alternated ``--repeats`` times: plain inference ``vit(pixel_values)`` over pre-transformed images
-  (images/s), then `analysis.faithfulness.perturbation_curves` for the maps of the model (17 for the
+  (images/s), then `analysis.studies.faithfulness.perturbation_curves` for the maps of the model (17 for the
   demo: 12 layers, rollout, gradient rollout, random, centre, mask) on ``--images`` images, building
   every masked copy and running it through the fused model (forwards/s); the median ratio is printed;
 * the main job's bounded call, exactly as the training job makes it
@@ -31,9 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis import faithfulness as fa  # noqa: E402
-from analysis.modeling import TimmViTForImageClassification  # noqa: E402
-from analysis.transforms import eval_transform, model_data_config  # noqa: E402
+from analysis.modeling.transforms import eval_transform, model_data_config  # noqa: E402
+from analysis.modeling.vit import TimmViTForImageClassification  # noqa: E402
+from analysis.studies import faithfulness as fa  # noqa: E402
 from bench.attention_throughput import load as load_demo  # noqa: E402
 from data_scripts import DataArguments, load_flower_dataset, to_rgb  # noqa: E402
 from data_scripts.files import write_json  # noqa: E402

@@ -2,9 +2,9 @@
 
 * Fine-tuning: ViT-B/16 (``vit_base_patch16_224``, random weights: speed does not depend on them) at
   224 px on synthetic flowers, bf16 on a GPU, through the training job's Trainer path
-  (`analysis.training`: parse_args, build_model, build_trainer) against a minimal hand-written loop
+  (`analysis.train.job`: parse_args, build_model, build_trainer) against a minimal hand-written loop
   (same model, data, augmentation, batch, AdamW, gradient clipping, autocast); the ratio of images/s.
-* Extraction: `analysis.extract.extract_to_file` (eager attention, rollout, metrics, rows to disk)
+* Extraction: `analysis.maps.extract.extract_to_file` (eager attention, rollout, metrics, rows to disk)
   against fused inference (``model(pixel_values)``) over the same images, both float32 as the
   extraction runs; fused bf16 inference is printed for reference on a GPU.
 * Kernels: timm's ``Attention.fused_attn`` of every block during a training step and during an
@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis import training  # noqa: E402
-from analysis.extract import extract_to_file  # noqa: E402
-from analysis.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
+from analysis.maps.extract import extract_to_file  # noqa: E402
+from analysis.modeling.transforms import batch_transform, collate, eval_transform, model_data_config  # noqa: E402
+from analysis.train import args as train_args
+from analysis.train import job as training  # noqa: E402
 from data_scripts import load_flower_dataset  # noqa: E402
 
 WARMUP = 5  # optimizer steps before the timed ones
@@ -89,7 +90,7 @@ class TrainerProbe(TrainerCallback):
 
 def trainer_path(argv: List[str], steps: int, sync) -> Dict:
     """Images/s of the training job's Trainer path, and its attention kernels."""
-    model_args, data_args, training_args = training.parse_args(argv)
+    model_args, data_args, training_args = train_args.parse_args(argv)
     dataset = load_flower_dataset(data_args)
     model, _ = training.build_model(model_args, dataset['train'].features['label'].names,
                                     *training.resolve_start(model_args))
@@ -103,7 +104,7 @@ def trainer_path(argv: List[str], steps: int, sync) -> Dict:
 
 def minimal_loop(argv: List[str], steps: int, device: str, bf16: bool, num_workers: int, sync) -> float:
     """Images/s of a hand-written loop over the same model, data and augmentation."""
-    model_args, data_args, training_args = training.parse_args(argv)
+    model_args, data_args, training_args = train_args.parse_args(argv)
     dataset = load_flower_dataset(data_args)
     model, _ = training.build_model(model_args, dataset['train'].features['label'].names,
                                     *training.resolve_start(model_args))
@@ -204,7 +205,7 @@ def main(argv=None) -> Dict:
                   '--report_to', 'none', '--disable_tqdm', 'true', '--logging_steps', '1000',
                   '--dataloader_num_workers', str(args.num_workers), '--bf16', str(bf16).lower(),
                   '--use_cpu', str(args.device == 'cpu').lower(), '--seed', '0']
-    load_flower_dataset(training.parse_args(argv_train)[1])  # generate the data once, before any timing
+    load_flower_dataset(train_args.parse_args(argv_train)[1])  # generate the data once, before any timing
 
     trainer_runs, loop_runs = [], []
     for r in range(args.repeats):  # alternated, so drift in machine load hits both alike
@@ -215,7 +216,7 @@ def main(argv=None) -> Dict:
               flush=True)
     t, m = statistics.median(trainer_runs), statistics.median(loop_runs)
 
-    model_args, data_args, _ = training.parse_args(argv_train)
+    model_args, data_args, _ = train_args.parse_args(argv_train)
     dataset = load_flower_dataset(data_args)
     split = dataset['test'].select(range(min(eval_images, len(dataset['test']))))
     torch.manual_seed(0)

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis import training  # noqa: E402
+from analysis.modeling.transforms import collate, model_data_config  # noqa: E402
+from analysis.train import args as train_args
+from analysis.train import job as training  # noqa: E402
 from data_scripts import load_flower_dataset  # noqa: E402
-from analysis.transforms import collate, model_data_config  # noqa: E402
 
 WARMUP = 5
 
@@ -37,7 +38,7 @@ class StepTimer(TrainerCallback):
 
 
 def build(argv):
-    model_args, data_args, training_args = training.parse_args(argv)
+    model_args, data_args, training_args = train_args.parse_args(argv)
     dataset = load_flower_dataset(data_args)
     class_names = dataset['train'].features['label'].names
     model, _ = training.build_model(model_args, class_names, *training.resolve_start(model_args))

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .errors import MissingFileError, UserError
 from .synthetic_flowers import MAX_CLASSES, SyntheticFlowersConfig
 from .synthetic_shapes import MAX_CLASSES as SHAPES_MAX_CLASSES
 from .synthetic_shapes import SyntheticShapesConfig
-
 
 SYNTHETIC_FLAGS = ("synthetic_num_classes", "synthetic_image_size", "synthetic_train_per_class",
                    "synthetic_validation_per_class", "synthetic_test_per_class", "synthetic_background",
@@ -111,40 +111,40 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         if self.train_dir is None and not self.dataset_name:
-            raise ValueError("--dataset_name is empty: give 'synthetic', 'oxford102', a Hub id, or --train_dir.")
+            raise UserError("--dataset_name is empty: give 'synthetic', 'oxford102', a Hub id, or --train_dir.")
         if self.train_dir is None and (self.validation_dir is not None or self.test_dir is not None):
-            raise ValueError("--validation_dir / --test_dir need --train_dir as well.")
+            raise UserError("--validation_dir / --test_dir need --train_dir as well.")
         if self.train_dir is None and self.dataset_name == "oxford102" and self.data_dir is None:
-            raise ValueError(
+            raise UserError(
                 "--dataset_name oxford102 needs --data_dir: a folder with 102flowers.tgz, imagelabels.mat and "
                 "setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/."
             )
         for flag in ("train_dir", "validation_dir", "test_dir"):
             folder = getattr(self, flag)
             if folder is not None and not os.path.isdir(os.path.expanduser(folder)):
-                raise FileNotFoundError(f"--{flag} {folder} is not a folder; give a folder with one sub-folder per class.")
+                raise MissingFileError(f"--{flag} {folder} is not a folder; give a folder with one sub-folder per class.")
         if self.train_dir is None and self.dataset_name == "oxford102" and not os.path.isdir(
             os.path.expanduser(self.data_dir)
         ):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--data_dir {self.data_dir} is not a folder; download the Oxford-102 files into it first "
                 "(see the README)."
             )
         for flag in ("image_column_name", "label_column_name", "mask_column_name"):
             if not getattr(self, flag):
-                raise ValueError(f"--{flag} must not be empty.")
+                raise UserError(f"--{flag} must not be empty.")
         if len({self.image_column_name, self.label_column_name, self.mask_column_name}) < 3:
-            raise ValueError("--image_column_name, --label_column_name and --mask_column_name must differ.")
+            raise UserError("--image_column_name, --label_column_name and --mask_column_name must differ.")
         if self.train_val_split is not None and not 0.0 < self.train_val_split < 1.0:
-            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+            raise UserError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
         for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, flag)
             if value is not None and value < 1:
-                raise ValueError(f"--{flag} must be >= 1 (or unset), got {value}.")
+                raise UserError(f"--{flag} must be >= 1 (or unset), got {value}.")
         try:  # the synthetic set's own checks, once; its field names are the flags without "synthetic_"
             self.synthetic_config()
         except ValueError as e:
-            raise ValueError(f"--synthetic_{e}") from e
+            raise UserError(f"--synthetic_{e}") from e
 
     def synthetic_num_proc(self) -> Optional[int]:
         """Processes that render a synthetic set (``download_and_prepare(num_proc=...)``; None: this one)."""
@@ -164,5 +164,5 @@ class DataArguments:
             return SyntheticFlowersConfig(**values)
         for name in ("background", "bg_correlation"):
             if values.pop(name) != getattr(SyntheticFlowersConfig, name):  # the flowers' default
-                raise ValueError(f"{name} is a flower-set flag; synthetic_shapes draws its backgrounds at random.")
+                raise UserError(f"{name} is a flower-set flag; synthetic_shapes draws its backgrounds at random.")
         return SyntheticShapesConfig(**values)

@@ -1,18 +1,31 @@
 """User errors end a command with one line, ``error: <what was wrong and what to do>``, and exit code 1.
 
-Errors a user can cause are raised as ``ValueError`` / ``FileNotFoundError`` (and `HubError` for
-the Hub) with a message that says what to do; `run_main` prints those as one line. Anything else
-is a bug and keeps its traceback. Set ``FLOWER_VIT_LENS_TRACEBACK=1`` to see the traceback of a
-user error too.
+A mistake the user can fix (a bad flag, a missing folder, an unreadable image with
+``--strict_images``, a wrong base, no Hub token) is raised as a `UserError` whose message says
+what to do; `run_main` prints it as one line. Anything else, a ``ValueError`` from numpy,
+scikit-learn or PIL included, is a bug and keeps its traceback. Set ``FLOWER_VIT_LENS_TRACEBACK=1``
+to see the traceback of a user error too.
+
+`UserError` is a ``ValueError`` (and `MissingFileError` a ``FileNotFoundError``), so code that
+catches the built-in types, as callers of a library do, keeps working.
 """
 import os
 import sys
 from typing import Callable, List, Optional
 
-from .hub import HubError
-
 TRACEBACK_ENV = 'FLOWER_VIT_LENS_TRACEBACK'
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, HubError)
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; the message says what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class NotAFolderError(UserError, NotADirectoryError):
+    """The user named a file where a folder is needed."""
 
 
 def one_line(error: BaseException) -> str:
@@ -21,14 +34,14 @@ def one_line(error: BaseException) -> str:
 
 
 def run_main(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None) -> int:
-    """Runs a command's ``main(argv)``; a user error becomes one ``error:`` line on stderr and exit code 1.
+    """Runs a command's ``main(argv)``; a `UserError` becomes one ``error:`` line on stderr and exit code 1.
 
     Returns:
         the exit code: 0, or 1 after a user error.
     """
     try:
         main(argv)
-    except USER_ERRORS as e:
+    except UserError as e:
         if os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
             raise
         print(f'error: {one_line(e)}', file=sys.stderr)

@@ -12,6 +12,8 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar('T')
@@ -20,7 +22,7 @@ HUB_TIMEOUT_S = 10.0
 NO_TOKEN_MESSAGE = 'No Hugging Face token found: set HF_TOKEN or run `hf auth login`, or use --dry_run'
 
 
-class HubError(RuntimeError):
+class HubError(UserError):
     """The Hub cannot be used right now (no token, token rejected, Hub unreachable)."""
 
 
@@ -78,7 +80,7 @@ def validate_hub_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f'Invalid --repo_id {repo_id!r}: {_short_reason(e)} Use the form "user/name".') from e
+        raise UserError(f'Invalid --repo_id {repo_id!r}: {_short_reason(e)} Use the form "user/name".') from e
 
 
 def check_hub_access(repo_id: str, token: str, *, timeout_s: float = HUB_TIMEOUT_S) -> None:

@@ -18,6 +18,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Transparent pixels become white: the usual convention of image viewers and of product /
@@ -47,7 +49,7 @@ def _high_bit_depth_to_uint8(img: Image.Image) -> np.ndarray:
     elif mode == "I":
         values = np.asarray(img, dtype=np.float64)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(
+            raise UserError(
                 f"32-bit integer image with values in [{values.min():.0f}, {values.max():.0f}]: only 16-bit "
                 "ranges [0, 65535] are supported; convert it to 8- or 16-bit first."
             )
@@ -60,7 +62,7 @@ def _high_bit_depth_to_uint8(img: Image.Image) -> np.ndarray:
         elif low >= 0 and high <= 255:
             scale = 1.0
         else:
-            raise ValueError(
+            raise UserError(
                 f"float image with values in [{low:g}, {high:g}]: expected [0, 1] or [0, 255]; "
                 "rescale it and save it as 8-bit."
             )
@@ -113,7 +115,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright if upright is not None else img.copy())
     except (OSError, UnidentifiedImageError, SyntaxError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable image ({err}).") from err
+        raise UserError(f"{path} is not a readable image ({err}).") from err
 
 
 def _open(entry: dict) -> Image.Image:
@@ -232,7 +234,7 @@ def check_images(
     report["num_skipped"] = len(report["skipped"])
 
     if report["skipped"] and strict:
-        raise ValueError(unusable_message(report))
+        raise UserError(unusable_message(report))
     if report["skipped"]:
         total = sum(report["num_checked"].values())
         logger.warning(
@@ -260,7 +262,7 @@ def _require_classes_kept(before: datasets.Dataset, after: datasets.Dataset) -> 
     lost = (_class_counts(before) > 0) & (_class_counts(after) == 0)
     empty = [names[c] for c in np.flatnonzero(lost)]
     if empty:
-        raise ValueError(
+        raise UserError(
             f"No usable training image left for class(es) {empty}: all of their training images failed the "
             "image check (see the warnings / data_report.json). Fix those files or remove the class."
         )

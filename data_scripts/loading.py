@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 
 from .args import DataArguments
+from .errors import MissingFileError, UserError
 from .oxford102 import Oxford102
 from .synthetic_flowers import SyntheticFlowers
 from .synthetic_shapes import SyntheticShapes
@@ -95,12 +96,12 @@ def _list_image_folder(root: str, flag: str) -> tuple[list[str], list[str], list
         ``(class_names, paths, labels)`` with class names sorted.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--{flag} {root} is not a folder.")
+        raise MissingFileError(f"--{flag} {root} is not a folder.")
     class_names = sorted(
         d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
     )
     if not class_names:
-        raise ValueError(f"--{flag} {root} has no class sub-folders; expected {root}/<class name>/<image files>.")
+        raise UserError(f"--{flag} {root} has no class sub-folders; expected {root}/<class name>/<image files>.")
     paths, labels, ignored = [], [], 0
     for label, name in enumerate(class_names):
         class_dir = os.path.join(root, name)
@@ -142,7 +143,7 @@ def _load_image_folders(train_dir: str, validation_dir: Optional[str], test_dir:
 def _raise_class_mismatch(split: str, names: list[str], train_names: list[str], source: str) -> None:
     only_here = sorted(set(names) - set(train_names))
     only_train = sorted(set(train_names) - set(names))
-    raise ValueError(
+    raise UserError(
         f"The {split} split ({source}) must have the same classes as train. Only in {split}: {only_here}; "
         f"only in train: {only_train}" + ("" if only_here or only_train else "; same names, different order") + "."
     )
@@ -156,7 +157,7 @@ def _raise_class_mismatch(split: str, names: list[str], train_names: list[str], 
 def _standardise_splits(ds: datasets.DatasetDict, source: str) -> datasets.DatasetDict:
     """Keep train / validation / test; "val", "valid" and "dev" count as validation."""
     if not isinstance(ds, datasets.DatasetDict) or "train" not in ds:
-        raise ValueError(f"Dataset {source!r} has no 'train' split (splits: {list(ds)}).")
+        raise UserError(f"Dataset {source!r} has no 'train' split (splits: {list(ds)}).")
     out = {}
     for split, dataset in ds.items():
         name = SPLIT_ALIASES.get(split, split)
@@ -164,7 +165,7 @@ def _standardise_splits(ds: datasets.DatasetDict, source: str) -> datasets.Datas
             logger.info("Ignoring split %r of %s.", split, source)
             continue
         if name in out:
-            raise ValueError(f"Dataset {source!r} has several validation splits: {list(ds)}.")
+            raise UserError(f"Dataset {source!r} has several validation splits: {list(ds)}.")
         out[name] = dataset
     return datasets.DatasetDict(out)
 
@@ -180,14 +181,14 @@ def _standardise_columns(ds: datasets.DatasetDict, args: DataArguments) -> datas
         columns = dataset.column_names
         for _, column, flag in wanted:
             if column not in columns:
-                raise ValueError(
+                raise UserError(
                     f"Split {split!r} has no column {column!r}; set --{flag} to one of {columns}."
                 )
         mapping = {column: standard for standard, column, _ in wanted}
         if args.mask_column_name in columns:
             mapping[args.mask_column_name] = "mask"
         elif args.mask_column_name != "mask":
-            raise ValueError(
+            raise UserError(
                 f"Split {split!r} has no column {args.mask_column_name!r} (--mask_column_name); columns: {columns}. "
                 "Leave --mask_column_name at its default for a dataset without masks."
             )
@@ -202,14 +203,14 @@ def _standardise_columns(ds: datasets.DatasetDict, args: DataArguments) -> datas
             if column in dataset.column_names and not isinstance(dataset.features[column], datasets.Image):
                 flag = "image_column_name" if column == "image" else "mask_column_name"
                 original = {new: old for old, new in mapping.items()}[column]
-                raise ValueError(
+                raise UserError(
                     f"Column {original!r} (--{flag}) of split {split!r} is {dataset.features[column]}, "
                     "not an image column."
                 )
         out[split] = dataset
     mask_splits = {split for split, d in out.items() if "mask" in d.column_names}
     if mask_splits and mask_splits != set(out):
-        raise ValueError(f"Only splits {sorted(mask_splits)} have a mask column; every split needs one or none.")
+        raise UserError(f"Only splits {sorted(mask_splits)} have a mask column; every split needs one or none.")
     return datasets.DatasetDict(out)
 
 
@@ -227,13 +228,13 @@ def _encode_labels(ds: datasets.DatasetDict) -> datasets.DatasetDict:
                 _raise_class_mismatch(split, feature.names, train_names, "label column")
         return ds
     if any(isinstance(f, datasets.ClassLabel) for f in features.values()):
-        raise ValueError(f"The label column is a ClassLabel in some splits only: {features}.")
+        raise UserError(f"The label column is a ClassLabel in some splits only: {features}.")
     values = sorted({v for d in ds.values() for v in d.unique("label")}, key=lambda v: (str(type(v)), v))
     if any(v is None for v in values):
-        raise ValueError("The label column has empty (None) labels; fix or remove those rows.")
+        raise UserError("The label column has empty (None) labels; fix or remove those rows.")
     names = [str(v) for v in values]
     if len(set(names)) != len(names):
-        raise ValueError(f"Label values {values} do not have distinct names.")
+        raise UserError(f"Label values {values} do not have distinct names.")
     index = {v: i for i, v in enumerate(values)}
     class_label = datasets.ClassLabel(names=names)
     out = {}
@@ -253,7 +254,7 @@ def _encode_labels(ds: datasets.DatasetDict) -> datasets.DatasetDict:
 def _split_validation(ds: datasets.DatasetDict, fraction: Optional[float], seed: int) -> datasets.DatasetDict:
     """Split a validation set off train (stratified by label when every class allows it)."""
     if fraction is None:
-        raise ValueError("The dataset has no validation split: give --validation_dir or set --train_val_split.")
+        raise UserError("The dataset has no validation split: give --validation_dir or set --train_val_split.")
     train = ds["train"]
     counts = np.bincount(np.asarray(train["label"]), minlength=train.features["label"].num_classes)
     # Stratifying needs >= 2 images per class (one each side) and room for every class.
@@ -299,7 +300,7 @@ def require_training_images_for_every_class(train: datasets.Dataset) -> None:
     counts = np.bincount(np.asarray(train["label"], dtype=np.int64), minlength=len(names))
     empty = [names[c] for c in np.flatnonzero(counts == 0)]
     if empty:
-        raise ValueError(
+        raise UserError(
             f"No training images for class(es) {empty}. Add images for them, remove them from the dataset, "
             "or raise --max_train_samples."
         )

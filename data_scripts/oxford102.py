@@ -41,6 +41,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageOps
 
+from .errors import MissingFileError, UserError
+
 logger = logging.getLogger(__name__)
 
 OXFORD102_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
@@ -90,7 +92,7 @@ _SEGMENTATION_MEMBER = re.compile(r"(?:^|/)segmim_(\d+)\.jpg$")
 def _require_file(data_dir: str, name: str) -> str:
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Oxford-102 file {name} not found in {data_dir}. Download it from {OXFORD102_URL} "
             f"into that folder (needed: {IMAGES_ARCHIVE}, {LABELS_FILE}, {SPLITS_FILE}; optional: "
             f"{SEGMENTATIONS_ARCHIVE})."
@@ -103,7 +105,7 @@ def _load_mat_vector(path: str, key: str) -> np.ndarray:
     content = scipy.io.loadmat(path)
     if key not in content:
         keys = sorted(k for k in content if not k.startswith("__"))
-        raise ValueError(
+        raise UserError(
             f"{os.path.basename(path)} has no '{key}' entry (found {keys}); re-download it from {OXFORD102_URL}."
         )
     return np.asarray(content[key]).reshape(-1).astype(np.int64)
@@ -121,13 +123,13 @@ def read_labels_and_splits(data_dir: str) -> tuple[np.ndarray, dict[str, np.ndar
     """
     labels = _load_mat_vector(_require_file(data_dir, LABELS_FILE), "labels")
     if labels.size == 0 or labels.min() < 1 or labels.max() > len(OXFORD102_CLASS_NAMES):
-        raise ValueError(f"{LABELS_FILE}: labels must be in 1..102, got {labels.min()}..{labels.max()}.")
+        raise UserError(f"{LABELS_FILE}: labels must be in 1..102, got {labels.min()}..{labels.max()}.")
     splits_path = _require_file(data_dir, SPLITS_FILE)
     splits = {}
     for key, split in SPLIT_KEYS.items():
         ids = _load_mat_vector(splits_path, key)
         if ids.size and (ids.min() < 1 or ids.max() > labels.size):
-            raise ValueError(
+            raise UserError(
                 f"{SPLITS_FILE}: '{key}' holds image ids outside 1..{labels.size} (the number of labels in "
                 f"{LABELS_FILE}); the two files do not belong together."
             )
@@ -194,7 +196,7 @@ class Oxford102(datasets.GeneratorBasedBuilder):
         """
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
         if not os.path.isdir(data_dir):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Oxford-102 folder {data_dir} does not exist; download the files from {OXFORD102_URL} into it."
             )
         files = [_require_file(data_dir, name) for name in (IMAGES_ARCHIVE, LABELS_FILE, SPLITS_FILE)]
@@ -232,7 +234,7 @@ class Oxford102(datasets.GeneratorBasedBuilder):
         if missing:
             names = ", ".join(f"jpg/image_{i:05d}.jpg" for i in missing[:20])
             more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{len(missing)} image(s) listed in {SPLITS_FILE} are missing from {IMAGES_ARCHIVE}: {names}{more}. "
                 f"Re-download {IMAGES_ARCHIVE} from {OXFORD102_URL}."
             )

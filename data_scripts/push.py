@@ -25,7 +25,7 @@ from huggingface_hub import constants
 from transformers import HfArgumentParser
 
 from data_scripts import DataArguments, check_images, load_flower_dataset
-from data_scripts.errors import run_main
+from data_scripts.errors import UserError, run_main
 from data_scripts.files import atomic_path
 from data_scripts.hub import check_hub_access, resolve_token, validate_hub_repo_id
 
@@ -44,14 +44,14 @@ class PushArguments:
 
     def __post_init__(self):
         if self.dry_run is None and not self.repo_id:
-            raise ValueError('--repo_id is required (e.g. --repo_id user/synthetic-flowers), '
+            raise UserError('--repo_id is required (e.g. --repo_id user/synthetic-flowers), '
                              'or pass --dry_run DIR to write the files locally.')
         if self.repo_id:
             validate_hub_repo_id(self.repo_id)
         if self.dry_run is not None:
             folder = Path(self.dry_run)
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-                raise ValueError(f'--dry_run folder {folder} exists and is not empty: pass a new folder.')
+                raise UserError(f'--dry_run folder {folder} exists and is not empty: pass a new folder.')
 
 
 def write_hub_layout(dataset: datasets.DatasetDict, folder: Union[str, Path]) -> List[Path]:

@@ -40,6 +40,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Bump when the renderer changes: it is part of the cache key.
@@ -128,10 +130,10 @@ class SyntheticSplits:
     def check_index(self, split: str, index: int) -> None:
         """Raises ValueError unless ``index`` is an example of ``split``."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}.")
         n = self.num_examples(split)
         if not 0 <= index < n:
-            raise ValueError(f"index {index} out of range for split {split!r} with {n} examples.")
+            raise UserError(f"index {index} out of range for split {split!r} with {n} examples.")
 
 
 @dataclasses.dataclass
@@ -162,20 +164,20 @@ class SyntheticFlowersConfig(SyntheticSplits, datasets.BuilderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be in 2..{MAX_CLASSES}, got {self.num_classes}.")
+            raise UserError(f"num_classes must be in 2..{MAX_CLASSES}, got {self.num_classes}.")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
+            raise UserError(f"image_size must be >= 16, got {self.image_size}.")
         if self.train_per_class < 1:
-            raise ValueError(f"train_per_class must be >= 1, got {self.train_per_class}.")
+            raise UserError(f"train_per_class must be >= 1, got {self.train_per_class}.")
         for name in ("validation_per_class", "test_per_class"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.background not in BACKGROUND_MODES:
-            raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}.")
+            raise UserError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}.")
         if not 0.0 <= self.bg_correlation <= 1.0:
-            raise ValueError(f"bg_correlation must be in [0, 1], got {self.bg_correlation}.")
+            raise UserError(f"bg_correlation must be in [0, 1], got {self.bg_correlation}.")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+            raise UserError(f"seed must be >= 0, got {self.seed}.")
 
     def params(self) -> dict:
         """The parameters that determine the pixels (everything but name/version/paths)."""
@@ -557,7 +559,7 @@ def render_background(family: str, rng: np.random.Generator, size: int) -> np.nd
         float32 [size, size, 3] in [0, 1].
     """
     if family not in _BACKGROUND_RENDERERS:
-        raise ValueError(f"family must be one of {BACKGROUND_FAMILIES}, got {family!r}.")
+        raise UserError(f"family must be one of {BACKGROUND_FAMILIES}, got {family!r}.")
     return np.clip(_BACKGROUND_RENDERERS[family](rng, size), 0, 1).astype(np.float32)
 
 
@@ -579,7 +581,7 @@ def render_background_layer(config: SyntheticFlowersConfig, spec: ExampleSpec) -
 # Public rendering API.
 # --------------------------------------------------------------------------------------
 
-# The background-study variants (Xiao et al. 2020); analysis.background composites them for other datasets.
+# The background-study variants (Xiao et al. 2020); analysis.studies.background composites them for other datasets.
 VARIANTS = ("original", "only_fg", "no_fg", "only_bg_t", "mixed_same", "mixed_rand")
 MIXED_VARIANTS = ("mixed_same", "mixed_rand")
 
@@ -635,12 +637,12 @@ def render_variant(
         ``(image, mask)``: RGB image and the flower mask of ``index`` ("L", 255 = flower).
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        raise UserError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     is_mixed = variant in MIXED_VARIANTS
     if is_mixed and partner_index is None:
-        raise ValueError(f"variant {variant!r} needs partner_index (the background donor).")
+        raise UserError(f"variant {variant!r} needs partner_index (the background donor).")
     if not is_mixed and partner_index is not None:
-        raise ValueError(f"partner_index is only used by the mixed variants, not {variant!r}.")
+        raise UserError(f"partner_index is only used by the mixed variants, not {variant!r}.")
 
     spec = sample_spec(config, split, index)
     flower, mask = render_flower_layer(config, spec)  # [S, S, 3], [S, S]

@@ -44,6 +44,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import UserError
 from .synthetic_flowers import BACKGROUND_FAMILIES as FLOWER_BACKGROUND_FAMILIES
 from .synthetic_flowers import SPLITS, SyntheticBuilder, SyntheticSplits, render_background, to_images
 
@@ -128,15 +129,15 @@ class SyntheticShapesConfig(SyntheticSplits, datasets.BuilderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 2 <= self.num_classes <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be in 2..{MAX_CLASSES}, got {self.num_classes}.")
+            raise UserError(f"num_classes must be in 2..{MAX_CLASSES}, got {self.num_classes}.")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}.")
+            raise UserError(f"image_size must be >= 16 pixels, got {self.image_size}.")
         if self.train_per_class < 1:
-            raise ValueError(f"train_per_class must be >= 1, got {self.train_per_class}.")
+            raise UserError(f"train_per_class must be >= 1, got {self.train_per_class}.")
         if self.validation_per_class < 0 or self.test_per_class < 0:
-            raise ValueError("validation_per_class and test_per_class must be >= 0.")
+            raise UserError("validation_per_class and test_per_class must be >= 0.")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+            raise UserError(f"seed must be >= 0, got {self.seed}.")
 
     def params(self) -> dict:
         """The parameters that determine the pixels (everything but name/version/paths)."""
@@ -280,21 +281,38 @@ def _annulus_sector(r_out: float, r_in: float, start: float, stop: float) -> np.
     return np.concatenate([outer, inner])
 
 
-def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    """The polygons of one object of ``family``, in unit coordinates inside the unit disk.
+# Shape families by how their outline is built; shape_polygons dispatches on these groups.
+_POLYGON_CORNERS = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+_ANGULAR_FAMILIES = (*_POLYGON_CORNERS, "frame", "diamond", "trapezoid", "chevron", "hourglass")
+_ROUND_FAMILIES = ("disk", "ellipse", "ring", "crescent", "heart", "semicircle", "target", "eye", "arc", "blob")
+_STROKE_FAMILIES = ("cross", "arrow", "letter_l", "letter_t", "letter_h", "letter_z", "bar")
 
-    Args:
-        family: shape family (second column of the class table).
-        rng: source of the family's own parameters (aspect ratio, hole size, ...).
 
-    Returns:
-        ``[(points [N, 2] (x, y), region)]`` drawn in order; region is 1 (object, first
-        colour), 2 (object, second colour) or 0 (a hole: background shows through).
-    """
+def _angular_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """Straight-edged outlines: regular polygons, the square frame, diamond, trapezoid, chevron, hourglass."""
+    P, H = _PRIMARY, _HOLE
+    if family in _POLYGON_CORNERS:
+        return [(_ngon(_POLYGON_CORNERS[family]), P)]
+    if family == "frame":
+        return [(_ngon(4, phase=np.pi / 4), P), (_ngon(4, rng.uniform(0.5, 0.65), phase=np.pi / 4), H)]
+    if family == "diamond":
+        a = rng.uniform(0.45, 0.6)
+        return [(np.array([[1.0, 0.0], [0.0, a], [-1.0, 0.0], [0.0, -a]]), P)]
+    if family == "trapezoid":
+        return [(np.array([[-0.9, 0.45], [0.9, 0.45], [0.42, -0.45], [-0.42, -0.45]]) * 0.95, P)]
+    if family == "chevron":
+        t = rng.uniform(0.4, 0.55)
+        pts = np.array([[-0.9, -0.6], [0.0, 0.2], [0.9, -0.6], [0.9, -0.6 + t], [0.0, 0.2 + t], [-0.9, -0.6 + t]])
+        return [(pts * 0.9, P)]
+    if family == "hourglass":
+        pts = np.array([[-0.7, -0.8], [0.7, -0.8], [0.12, 0.0], [0.7, 0.8], [-0.7, 0.8], [-0.12, 0.0]])
+        return [(pts * 0.92, P)]
+    raise AssertionError(f"{family!r} is not an angular shape family")
+
+
+def _round_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """Curved outlines: disks, ellipse, ring, crescent, heart, semicircle, target, eye, arc and the blob."""
     P, S, H = _PRIMARY, _SECONDARY, _HOLE
-    if family in ("triangle", "square", "pentagon", "hexagon", "octagon"):
-        n = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}[family]
-        return [(_ngon(n), P)]
     if family == "disk":
         return [(_circle(), P)]
     if family == "ellipse":
@@ -309,6 +327,28 @@ def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarr
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) - 2.5
         return [(np.stack([x, y], axis=1) / 17.5, P)]
+    if family == "semicircle":
+        t = np.linspace(np.pi, 2 * np.pi, 48)
+        return [(np.stack([0.92 * np.cos(t), 0.35 + 0.92 * np.sin(t)], axis=1), P)]
+    if family == "target":
+        return [(_circle(), P), (_circle(0.7), S), (_circle(0.42), P), (_circle(0.16), S)]
+    if family == "eye":
+        return [(_circle(), P), (_circle(rng.uniform(0.25, 0.4)), S)]
+    if family == "arc":
+        span = np.deg2rad(rng.uniform(200, 250))
+        return [(_annulus_sector(1.0, rng.uniform(0.5, 0.65), -span / 2, span / 2), P)]
+    if family == "blob":  # a potato: low harmonics only, nothing radial or petal-like
+        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+        r = np.full_like(t, 0.85)
+        for k in (1, 2, 3):
+            r += rng.uniform(0.0, 0.05) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+        return [(np.stack([r * np.cos(t), r * np.sin(t)], axis=1), P)]
+    raise AssertionError(f"{family!r} is not a round shape family")
+
+
+def _stroke_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """Outlines made of bars: the plus cross, arrow, letters L, T, H and Z, and the bar itself."""
+    P = _PRIMARY
     if family == "cross":
         w = rng.uniform(0.28, 0.42) / 2
         return [(_rect(-0.95, -w, 0.95, w), P), (_rect(-w, -0.95, w, 0.95), P)]
@@ -333,39 +373,29 @@ def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarr
         t = rng.uniform(0.24, 0.32)
         diagonal = np.array([[0.6 - 1.2 * t, -0.72 + t], [0.6, -0.72 + t], [-0.6 + 1.2 * t, 0.72 - t], [-0.6, 0.72 - t]])
         return [(_rect(-0.6, -0.72, 0.6, -0.72 + t), P), (_rect(-0.6, 0.72 - t, 0.6, 0.72), P), (diagonal, P)]
-    if family == "semicircle":
-        t = np.linspace(np.pi, 2 * np.pi, 48)
-        return [(np.stack([0.92 * np.cos(t), 0.35 + 0.92 * np.sin(t)], axis=1), P)]
-    if family == "frame":
-        return [(_ngon(4, phase=np.pi / 4), P), (_ngon(4, rng.uniform(0.5, 0.65), phase=np.pi / 4), H)]
-    if family == "target":
-        return [(_circle(), P), (_circle(0.7), S), (_circle(0.42), P), (_circle(0.16), S)]
-    if family == "eye":
-        return [(_circle(), P), (_circle(rng.uniform(0.25, 0.4)), S)]
-    if family == "diamond":
-        a = rng.uniform(0.45, 0.6)
-        return [(np.array([[1.0, 0.0], [0.0, a], [-1.0, 0.0], [0.0, -a]]), P)]
-    if family == "trapezoid":
-        return [(np.array([[-0.9, 0.45], [0.9, 0.45], [0.42, -0.45], [-0.42, -0.45]]) * 0.95, P)]
-    if family == "chevron":
-        t = rng.uniform(0.4, 0.55)
-        pts = np.array([[-0.9, -0.6], [0.0, 0.2], [0.9, -0.6], [0.9, -0.6 + t], [0.0, 0.2 + t], [-0.9, -0.6 + t]])
-        return [(pts * 0.9, P)]
-    if family == "arc":
-        span = np.deg2rad(rng.uniform(200, 250))
-        return [(_annulus_sector(1.0, rng.uniform(0.5, 0.65), -span / 2, span / 2), P)]
     if family == "bar":
         h = rng.uniform(0.12, 0.2)
         return [(_rect(-0.95, -h, 0.95, h), P)]
-    if family == "hourglass":
-        pts = np.array([[-0.7, -0.8], [0.7, -0.8], [0.12, 0.0], [0.7, 0.8], [-0.7, 0.8], [-0.12, 0.0]])
-        return [(pts * 0.92, P)]
-    if family == "blob":  # a potato: low harmonics only, nothing radial or petal-like
-        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-        r = np.full_like(t, 0.85)
-        for k in (1, 2, 3):
-            r += rng.uniform(0.0, 0.05) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
-        return [(np.stack([r * np.cos(t), r * np.sin(t)], axis=1), P)]
+    raise AssertionError(f"{family!r} is not a stroke shape family")
+
+
+def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """The polygons of one object of ``family``, in unit coordinates inside the unit disk.
+
+    Args:
+        family: shape family (second column of the class table).
+        rng: source of the family's own parameters (aspect ratio, hole size, ...).
+
+    Returns:
+        ``[(points [N, 2] (x, y), region)]`` drawn in order; region is 1 (object, first
+        colour), 2 (object, second colour) or 0 (a hole: background shows through).
+    """
+    if family in _ANGULAR_FAMILIES:
+        return _angular_polygons(family, rng)
+    if family in _ROUND_FAMILIES:
+        return _round_polygons(family, rng)
+    if family in _STROKE_FAMILIES:
+        return _stroke_polygons(family, rng)
     raise AssertionError(f"unknown shape family {family!r}")
 
 

@@ -1,16 +1,47 @@
 """Shared fixtures: one tiny real training run that the end-to-end tests read; a fake Hub."""
 import contextlib
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import HfApi, constants
+from safetensors.torch import save_file
 
 import train_hf
 
-TINY_MODEL = '{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}'
+# The tiny ViT every module reuses: 32 px images, a 4 x 4 grid of 8 px patches, 48 wide, 3 blocks of 3 heads.
+TINY_VIT = {'img_size': 32, 'patch_size': 8, 'embed_dim': 48, 'depth': 3, 'num_heads': 3}
+TINY_MODEL = json.dumps({**TINY_VIT, 'depth': 2})  # --model_args of the tiny training runs (2 blocks)
 TINY_DATA = ['--synthetic_train_per_class', '8', '--synthetic_validation_per_class', '2',
              '--synthetic_test_per_class', '4', '--synthetic_image_size', '32']
+
+
+def tiny_vit(label_names, *, seed: int = 0, random_head: bool = False, **model_args):
+    """A tiny random ViT (`TINY_VIT`, ``model_args`` on top) for ``label_names``, in eval mode.
+
+    Args:
+        random_head: replace timm's zero-initialised head by random weights, so that predictions vary.
+    """
+    from analysis.modeling.vit import TimmViTForImageClassification
+    torch.manual_seed(seed)
+    model = TimmViTForImageClassification.from_timm('vit_tiny_patch16_224', label_names=list(label_names),
+                                                    model_args={**TINY_VIT, **model_args})
+    if random_head:
+        torch.nn.init.normal_(model.timm_model.head.weight, std=0.5)
+    return model.eval()
+
+
+def tiny_base_config(**changes):
+    """A tiny base: a 2-block ViT trained for a few steps on 3 synthetic flower classes."""
+    config = {'model_name_or_path': 'vit_tiny_patch16_224', 'pretrained': False, 'model_args': TINY_MODEL,
+              'dataset_name': 'synthetic', 'synthetic_num_classes': 3, 'synthetic_train_per_class': 8,
+              'synthetic_validation_per_class': 2, 'synthetic_test_per_class': 2, 'synthetic_image_size': 32,
+              'synthetic_seed': 7, 'max_steps': 4, 'per_device_train_batch_size': 8, 'eval_strategy': 'no',
+              'save_strategy': 'steps', 'save_steps': 1, 'report_to': 'none', 'disable_tqdm': True, 'seed': 5,
+              'output_dir': 'ignored: the cache decides'}
+    return {**config, **changes}
 
 
 def tiny_args(output_dir, *extra):
@@ -25,16 +56,16 @@ def tiny_args(output_dir, *extra):
 @contextlib.contextmanager
 def base_cache_at(folder: Path):
     """FLOWER_VIT_LENS_CACHE set to ``folder`` inside the block, restored after it."""
-    from analysis import training
-    old = os.environ.get(training.CACHE_ENV)
-    os.environ[training.CACHE_ENV] = str(folder)
+    from analysis.train import args as train_args
+    old = os.environ.get(train_args.CACHE_ENV)
+    os.environ[train_args.CACHE_ENV] = str(folder)
     try:
         yield folder
     finally:
         if old is None:
-            del os.environ[training.CACHE_ENV]
+            del os.environ[train_args.CACHE_ENV]
         else:
-            os.environ[training.CACHE_ENV] = old
+            os.environ[train_args.CACHE_ENV] = old
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -42,6 +73,16 @@ def base_cache(tmp_path_factory):
     """Bases built by the tests (``base:<config>``) go to a temporary cache, never the user's."""
     with base_cache_at(tmp_path_factory.mktemp('base_cache')) as folder:
         yield folder
+
+
+@pytest.fixture(scope='session')
+def tiny_base(base_cache, tmp_path_factory):
+    """``(base:<config path>, its cache folder)``: the tiny base, built once per session into the test cache."""
+    from analysis.train import base, job
+    path = tmp_path_factory.mktemp('configs') / 'base_tiny.json'
+    path.write_text(json.dumps(tiny_base_config()))
+    name = f'base:{path}'
+    return name, base.ensure_base(name, job.run)
 
 
 @pytest.fixture(scope='session')
@@ -87,3 +128,9 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
     return calls
+
+
+def save_summary(path, tensors, metadata) -> None:
+    """Writes a whole attention summary at once (production streams it with `SummaryWriter`): for tests that
+    build or doctor one."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={'analysis': json.dumps(metadata)})

@@ -5,17 +5,16 @@ import math
 import pytest
 import torch
 
-from analysis.attention_metrics import (
+from analysis.maps.attention_metrics import (
     AttentionMetricsAccumulator,
     attention_entropy,
     fg_lift,
     fg_ratio,
     flower_area,
-    layers_preferring_flower,
     mean_attention_distance,
     pointing_game,
 )
-from analysis.tokens import TokenLayout
+from analysis.modeling.tokens import TokenLayout
 
 # A 2 x 2 grid of 10 x 10 pixel patches after one CLS token. Patches (row-major):
 #   0 1      centres (y, x): 0 (5, 5), 1 (5, 15), 2 (15, 5), 3 (15, 15)
@@ -248,8 +247,6 @@ def test_without_masks_mask_metrics_are_absent():
     assert set(m['layers']) == {'entropy', 'mean_attention_distance'}
     assert set(m['rollout']) == {'entropy'}
     json.dumps(m)  # plain JSON
-    with pytest.raises(ValueError, match='no flower masks'):
-        layers_preferring_flower(m)
 
 
 def test_output_schema_is_plain_json():
@@ -262,12 +259,6 @@ def test_output_schema_is_plain_json():
         assert [len(row) for row in m['layers'][metric]['per_head']] == [2, 2, 2]
     assert set(m['rollout']) == {'fg_ratio', 'fg_lift', 'pointing_game', 'entropy'}
     assert m['omitted'] == {}
-
-
-def test_layers_preferring_flower():
-    metrics = {'layers': {'fg_lift': {'mean': [0.9, 1.0, 1.3, None, 2.0], 'per_head': []}}}
-    assert layers_preferring_flower(metrics) == [2, 4]
-    assert layers_preferring_flower(metrics, threshold=1.5) == [4]
 
 
 def test_inconsistent_batches_and_bad_shapes_raise():

@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import f1_score
 
-from analysis.background import (VARIANTS, background_study, choose_partners, fill_background, make_variant,
-                                 variant_dataset)
-from analysis.modeling import TimmViTForImageClassification
+from analysis.studies.background import (
+    VARIANTS,
+    VariantRenderer,
+    background_study,
+    choose_partners,
+    fill_background,
+    make_variant,
+)
+from analysis.studies.importance import image_tensors
+from conftest import tiny_vit
 from data_scripts.synthetic_flowers import MIXED_VARIANTS, SyntheticFlowersConfig, render_example
 
 CLASSES = ['a', 'b', 'c']
@@ -127,6 +135,14 @@ def _tiny_dataset(n=6, size=32):
                                       features=features)
 
 
+def variant_dataset(dataset, variant, seed=0, synthetic_config=None, split=None):
+    """A split turned into one background variant, built in memory, with the same features (`VariantRenderer`)."""
+    renderer = VariantRenderer(dataset, variant, np.arange(len(dataset)), seed, synthetic_config, split)
+    batch = renderer(renderer.subset[:], range(len(dataset)))
+    features = datasets.Features({k: dataset.features[k] for k in ('image', 'label', 'mask')})
+    return datasets.Dataset.from_dict(batch, features=features)
+
+
 def test_variant_dataset_keeps_features_and_the_shown_flowers_mask():
     ds = _tiny_dataset()
     out = variant_dataset(ds, 'no_fg', seed=0)
@@ -182,10 +198,7 @@ def test_synthetic_variants_have_known_pixels():
 
 @pytest.fixture(scope='module')
 def tiny_model():
-    torch.manual_seed(0)
-    return TimmViTForImageClassification.from_timm(
-        'vit_tiny_patch16_224', pretrained=False, label_names=CLASSES,
-        model_args={'img_size': 32, 'patch_size': 8, 'embed_dim': 48, 'depth': 3, 'num_heads': 3})
+    return tiny_vit(CLASSES, random_head=True)  # timm's zero head would predict one class
 
 
 def test_background_study_schema(tiny_model):
@@ -193,16 +206,23 @@ def test_background_study_schema(tiny_model):
     assert set(result) == {'variants', 'bg_gap', 'num_images', 'seed', 'split', 'model_id', 'method'}
     assert list(result['variants']) == list(VARIANTS)
     for entry in result['variants'].values():
-        assert 0.0 <= entry['accuracy'] <= 1.0 and 0.0 <= entry['macro_f1'] <= 1.0
         assert set(entry['f1_per_class']) == set(CLASSES)
+        assert entry['macro_f1'] == pytest.approx(np.mean(list(entry['f1_per_class'].values())))
         assert len(entry['fg_lift']) == tiny_model.num_blocks
     v = result['variants']
     assert result['bg_gap'] == pytest.approx(v['mixed_same']['accuracy'] - v['mixed_rand']['accuracy'])
     assert result['num_images'] == 6 and result['method'] == 'composited'
+    # the oracle for `original`: the model's own forward on the eval crops of the unchanged images
+    pixel_values, labels = image_tensors(tiny_model, _tiny_dataset())
+    with torch.no_grad():
+        predictions = tiny_model(pixel_values).logits.argmax(-1)
+    assert v['original']['accuracy'] == pytest.approx((predictions == labels).float().mean().item())
+    assert v['original']['macro_f1'] == pytest.approx(
+        f1_score(labels, predictions, average='macro', labels=range(len(CLASSES)), zero_division=0))
 
 
 def test_study_configs_differ_only_in_background_and_output_dir():
-    from analysis.resources import config_file
+    from analysis.core.resources import config_file
     correlated = json.loads(config_file('study_correlated').read_text())
     random = json.loads(config_file('study_random.json').read_text())
     differ = {k for k in set(correlated) | set(random) if correlated.get(k) != random.get(k)}
@@ -217,7 +237,7 @@ def test_study_configs_differ_only_in_background_and_output_dir():
         'synthetic_background', 'output_dir'}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_study_quick_end_to_end(tmp_path):
     from analysis.cli import main as cli
     assert cli(['study', '--output_dir', str(tmp_path), '--quick', 'true']) == 0

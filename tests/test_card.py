@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from analysis.card import md_escape, render_model_card
+from analysis.render.card import md_escape, render_model_card
 
 CLASS_NAMES = ['daisy', 'rose|red', '<script>alert(1)</script>']
 NUM_LAYERS, NUM_HEADS = 3, 2

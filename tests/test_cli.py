@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 
 from analysis.cli import main as cli
-from analysis.summary import load_summary
+from analysis.maps.summary import load_summary
+from conftest import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def test_extract_matches_output_attentions(tiny_run, tmp_path):
     """The summary's CLS rows equal what output_attentions=True returns for the same images."""
-    from analysis.modeling import TimmViTForImageClassification
-    from analysis.transforms import eval_transform, model_data_config
+    from analysis.modeling.transforms import eval_transform, model_data_config
+    from analysis.modeling.vit import TimmViTForImageClassification
     from data_scripts import DataArguments, load_flower_dataset, to_rgb
     run, _ = tiny_run
     out = tmp_path / 's.safetensors'
@@ -49,6 +49,7 @@ def test_extract_matches_output_attentions(tiny_run, tmp_path):
     assert torch.allclose(tensors['full_attention'].float(), torch.stack(out.attentions, 1), atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_heatmaps_image_report(tiny_run, tmp_path):
     run, _ = tiny_run
     assert cli(['heatmaps', str(run / 'attentions.safetensors'), '--output', str(tmp_path / 'figs')]) == 0
@@ -78,6 +79,7 @@ def test_user_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert err.count('error:') == 4 and 'Traceback' not in err
 
 
+@pytest.mark.e2e
 def test_background_and_importance_commands(tiny_run, tmp_path):
     run, _ = tiny_run
     assert cli(['background', '--model', str(run), '--split', 'test', '--output', str(tmp_path), '--batch_size', '8']) == 0
@@ -90,6 +92,7 @@ def test_background_and_importance_commands(tiny_run, tmp_path):
     assert len(importance['probe_accuracy']) == len(importance['layer_skip_accuracy']) == 2
 
 
+@pytest.mark.e2e
 def test_dry_run_folder_loads_with_every_loader(tiny_run, tmp_path):
     """What `push --dry_run` writes loads with the same logits through timm, transformers, pipeline and
     this project, from the folder and, laid out as a Hub cache, through hf-hub: / a repo id (offline)."""
@@ -113,8 +116,8 @@ import json, sys, numpy as np, torch, timm
 from PIL import Image
 from transformers import AutoModelForImageClassification, pipeline
 sys.path.insert(0, {str(ROOT)!r})
-from analysis.modeling import TimmViTForImageClassification
-from analysis.transforms import eval_transform, model_data_config
+from analysis.modeling.vit import TimmViTForImageClassification
+from analysis.modeling.transforms import eval_transform, model_data_config
 image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
 logits = {{}}
 for where in ({str(folder)!r}, 'someone/flower-vit'):
@@ -156,10 +159,7 @@ def test_wrong_model_and_foreign_summary_are_clear_errors(tiny_run, tmp_path, ca
     other.mkdir()
     for name in ('all_results.json', 'attention_metrics.json', 'attentions.safetensors', 'run_config.json'):
         (other / name).write_bytes((run / name).read_bytes())
-    from analysis.modeling import TimmViTForImageClassification
     names = json.loads((run / 'all_results.json').read_text())['test_class_names']
-    TimmViTForImageClassification.from_timm(
-        'vit_tiny_patch16_224', label_names=names,
-        model_args={'img_size': 32, 'patch_size': 8, 'embed_dim': 48, 'depth': 3, 'num_heads': 3}).save_pretrained(other)
+    tiny_vit(names).save_pretrained(other)  # 3 blocks: not the run's model
     assert cli(['report', str(other)]) == 1
     assert 'another model' in capsys.readouterr().err

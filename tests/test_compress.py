@@ -9,12 +9,17 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, TrainingArguments, pipeline
 
-from analysis import compress
-from analysis.compress import (DistillationTrainer, build_student, claim_output_dir, distillation_loss, gflops,
-                               inference_throughput, kept_blocks_state_dict, removal_order, search_depth)
-from analysis.importance import skip_blocks
-from analysis.modeling import TimmViTForImageClassification
-from analysis.transforms import eval_transform, model_data_config
+from analysis.compress import run as compress
+from analysis.compress.blocks import build_student, kept_blocks_state_dict, removal_order
+from analysis.compress.claim import claim_output_dir
+from analysis.compress.distill import DistillationTrainer, distillation_loss
+from analysis.compress.result import compress_summary
+from analysis.compress.run import search_depth
+from analysis.compress.speed import gflops, inference_throughput
+from analysis.modeling.timm_internals import skip_blocks
+from analysis.modeling.transforms import eval_transform, model_data_config
+from analysis.modeling.vit import TimmViTForImageClassification
+from conftest import tiny_vit
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
 CLASSES = ['daisy', 'tulip', 'rose']
@@ -22,9 +27,7 @@ CLASSES = ['daisy', 'tulip', 'rose']
 
 @pytest.fixture(scope='module')
 def teacher():
-    torch.manual_seed(0)
-    return TimmViTForImageClassification.from_timm(
-        'vit_tiny_patch16_224', pretrained=False, label_names=CLASSES, model_args=TINY).eval()
+    return tiny_vit(CLASSES, depth=4)
 
 
 def test_kept_blocks_are_renumbered():
@@ -73,7 +76,7 @@ def test_compressed_checkpoint_gives_the_same_logits_through_the_four_loaders(te
         assert scores[name] == pytest.approx(probs[i].item(), abs=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compressed_checkpoint_loads_from_the_hub_with_the_same_logits(teacher, tmp_path):
     """The same files laid out as a Hub snapshot: timm hf-hub:, AutoModel and pipeline by repo id (offline)."""
     import os
@@ -236,7 +239,7 @@ def test_max_accuracy_drop_outside_0_1_is_one_error_line(drop, tmp_path, capsys)
 
 
 def test_cli_defaults_are_the_module_defaults():
-    from analysis.cli import CompressFlags
+    from analysis.compress.flags import CompressFlags
     fields = CompressFlags.__dataclass_fields__
     assert fields['max_accuracy_drop'].default == compress.DEFAULT_MAX_ACCURACY_DROP
     assert fields['distill_epochs'].default == compress.DEFAULT_DISTILL_EPOCHS
@@ -250,7 +253,7 @@ def test_cli_defaults_are_the_module_defaults():
 FAST = ['--max_steps', '2', '--per_device_train_batch_size', '8']
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compress_command_end_to_end(tiny_run, tmp_path, capsys):
     """The real command on the tiny run: a normal run directory, compress.json, report, card, push."""
     from analysis.cli import main
@@ -282,7 +285,7 @@ def test_compress_command_end_to_end(tiny_run, tmp_path, capsys):
     assert 'faster on CPU than the full model' in card
     model = TimmViTForImageClassification.from_pretrained(out)
     assert model.num_blocks == 1
-    summary = compress.study_summary(result)
+    summary = compress_summary(result)
     assert summary['num_kept'] == 1 and summary['test_accuracy_compressed'] == results['test_accuracy']
 
     from bench.compress_throughput import main as bench_main
@@ -302,7 +305,7 @@ def test_compress_command_end_to_end(tiny_run, tmp_path, capsys):
     assert '## Compression' in card
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nothing_removable_ends_with_one_line_and_the_full_numbers(tiny_run, tmp_path, monkeypatch, capsys):
     from analysis.cli import main
     run, _ = tiny_run
@@ -323,10 +326,10 @@ def test_nothing_removable_ends_with_one_line_and_the_full_numbers(tiny_run, tmp
     assert f'test accuracy {full["test_accuracy"]:.4f}' in line
     assert result['search'][0]['speedup'] > 0 and (out / 'figures' / 'compression.png').is_file()
     assert not (out / 'model.safetensors').exists()
-    assert compress.study_summary(result)['test_accuracy_compressed'] is None
+    assert compress_summary(result)['test_accuracy_compressed'] is None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_single_block_model_ends_with_one_line(tmp_path, capsys):
     import train_hf
     from analysis.cli import main
@@ -373,7 +376,7 @@ def test_card_of_a_compressed_model_names_the_full_model_and_the_tradeoff(tmp_pa
     from huggingface_hub import ModelCard
     from test_card import make_run_dir
 
-    from analysis.card import render_model_card
+    from analysis.render.card import render_model_card
     run = make_run_dir(tmp_path / 'small', pretrained=True)
     run_config = json.loads((run / 'run_config.json').read_text())
     run_config['model']['model_name_or_path'] = '/runs/full'
@@ -397,15 +400,17 @@ def test_card_of_a_compressed_model_names_the_full_model_and_the_tradeoff(tmp_pa
 def test_report_of_a_compressed_model_has_its_section(tmp_path):
     from test_card import make_run_dir
 
-    from analysis.report import write_report
+    from analysis.render.figures import render_figures
+    from analysis.render.report import write_report
     run = make_run_dir(tmp_path / 'small')
     (run / 'compress.json').write_text(json.dumps(fake_compress()))
-    page = write_report(run).read_text()
+    page = write_report(run, render_figures(run)).read_text()
     section = page.split('<section id="compression">')[1].split('</section>')[0]
     assert 'Compressed from 3 to 2 blocks' in section and '1.43x faster' in section
     assert section.count('<tr>') >= 2 + 7  # the search's two depths; full vs compressed: 5 rows + 3 classes
     assert 'data:image/png;base64,' in section  # figures/compression.png, drawn from compress.json
-    page = write_report(make_run_dir(tmp_path / 'plain')).read_text()
+    plain = make_run_dir(tmp_path / 'plain')
+    page = write_report(plain, render_figures(plain)).read_text()
     assert 'python -m analysis compress --model' in page.split('<section id="compression">')[1]
 
 

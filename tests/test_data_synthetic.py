@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from transformers import HfArgumentParser
 
-from data_scripts import DataArguments, SyntheticFlowers, load_flower_dataset, SyntheticFlowersConfig, render_example, render_variant
+from data_scripts import (
+    DataArguments,
+    SyntheticFlowers,
+    SyntheticFlowersConfig,
+    load_flower_dataset,
+    render_example,
+    render_variant,
+)
 from data_scripts import synthetic_flowers as sf
 
 

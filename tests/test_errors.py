@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from test_hygiene import write_messy_folder
 
 import train_hf
-from analysis import training
+from analysis.train import job as training
 from conftest import tiny_args
-from data_scripts.errors import TRACEBACK_ENV, run_main
-from test_hygiene import write_messy_folder
+from data_scripts.errors import TRACEBACK_ENV, UserError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,28 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         run_main(train_hf.main, ['--max_steps', '1'])
 
 
+def test_a_library_value_error_keeps_its_traceback(monkeypatch, capsys):
+    """A ValueError raised inside numpy (here: an impossible reshape) is a bug, not a user error."""
+    def bug(*args, **kwargs):
+        return np.zeros(3).reshape(2)
+    monkeypatch.setattr(training, 'load_flower_dataset', bug)
+    with pytest.raises(ValueError, match='cannot reshape') as raised:
+        run_main(train_hf.main, ['--max_steps', '1'])
+    assert not isinstance(raised.value, UserError)
+    assert 'error:' not in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_launch_that_is_not_one_job_is_a_user_error(monkeypatch):
+    from analysis.core.launch import check_launch
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    check_launch(False)  # no launcher: one process, nothing to check
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    check_launch(True)  # two processes that form one job
+    with pytest.raises(UserError, match='2 processes were launched, but they do not form one distributed job'):
+        check_launch(False)
+
+
 def test_command_line_prints_one_line_and_the_traceback_on_request(tmp_path):
     cmd = [sys.executable, str(ROOT / 'train_hf.py'), '--num_train_epochs', '-1', '--output_dir', str(tmp_path)]
     quiet = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, TRACEBACK_ENV: ''})
@@ -107,4 +130,4 @@ def test_command_line_prints_one_line_and_the_traceback_on_request(tmp_path):
     assert quiet.stderr.strip().splitlines()[-1] == 'error: --num_train_epochs must be > 0 (or give --max_steps); got -1.0'
     assert 'Traceback' not in quiet.stderr
     loud = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, TRACEBACK_ENV: '1'})
-    assert loud.returncode == 1 and 'Traceback' in loud.stderr and 'ValueError' in loud.stderr
+    assert loud.returncode == 1 and 'Traceback' in loud.stderr and 'UserError' in loud.stderr

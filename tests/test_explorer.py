@@ -1,4 +1,4 @@
-"""Tests of analysis.explorer (the report's attention explorer: packing, errors, budget) and its section of the page.
+"""Tests of analysis.render.explorer (the report's attention explorer: packing, errors, budget) and its section of the page.
 
 The explorer in a real browser: tests/test_explorer_browser.py.
 """
@@ -11,14 +11,16 @@ import zlib
 
 import pytest
 import torch
-
-from analysis import explorer, report
-from analysis.attention_metrics import attention_entropy
-from analysis.extract import FullMapSlots
-from analysis.rollout import attention_rollout
-from analysis.summary import SUMMARY_FORMAT, SUMMARY_VERSION, save_summary
-from analysis.tokens import TokenLayout
 from test_report import make_run
+
+from analysis.maps.attention_metrics import attention_entropy
+from analysis.maps.extract import FullMapSlots
+from analysis.maps.rollout import attention_rollout
+from analysis.maps.summary import SUMMARY_FORMAT, SUMMARY_VERSION
+from analysis.modeling.tokens import TokenLayout
+from analysis.render import explorer, report
+from analysis.render.figures import render_figures
+from conftest import save_summary
 
 # 6 images, 2 layers, 2 heads; a 3 x 2 grid of 4 px patches (not square, so rows and columns cannot swap).
 M, L, H = 6, 2, 2
@@ -210,7 +212,7 @@ def explorer_json(page: str) -> dict:
 def test_report_has_the_explorer_with_its_stable_hooks_and_escapes_class_names(tmp_path):
     run = make_run(tmp_path)
     write_full_summary(run / 'attentions.safetensors')
-    page = report.write_report(run).read_text()
+    page = report.write_report(run, render_figures(run)).read_text()
     for hook in ('<section id="explorer">', '<select id="explorer-image">', '<select id="explorer-layer">',
                  '<select id="explorer-head">', '<canvas id="explorer-canvas"', 'id="explorer-readout"'):
         assert hook in page
@@ -226,6 +228,6 @@ def test_report_has_the_explorer_with_its_stable_hooks_and_escapes_class_names(t
 
 def test_report_without_full_maps_says_how_to_get_the_explorer(tmp_path):
     run = make_run(tmp_path)
-    page = report.write_report(run).read_text()
+    page = report.write_report(run, render_figures(run)).read_text()
     assert '<section id="explorer">' in page and 'explorer-data' not in page and 'DecompressionStream' not in page
     assert f'run python -m analysis extract --model {run} --full_maps 8' in page

@@ -10,12 +10,15 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from analysis import faithfulness as fa
-from analysis import findings, plots
-from analysis.card import build_card
-from analysis.modeling import TimmViTForImageClassification
-from analysis.report import write_report
-from analysis.tokens import TokenLayout
+import conftest
+from analysis.core.stats import mean_se
+from analysis.modeling.tokens import TokenLayout
+from analysis.modeling.vit import TimmViTForImageClassification
+from analysis.render import findings, plots
+from analysis.render.card import build_card
+from analysis.render.figures import render_figures
+from analysis.render.report import write_report
+from analysis.studies import faithfulness as fa
 
 CLASSES = ['a', 'b', 'c']
 TINY_VIT = {'img_size': 16, 'patch_size': 4, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
@@ -23,9 +26,7 @@ LAYOUT = TokenLayout(num_prefix_tokens=1, grid_size=(4, 4), patch_size=(4, 4))  
 
 
 def tiny_vit(seed: int = 0, classes=CLASSES) -> TimmViTForImageClassification:
-    torch.manual_seed(seed)
-    return TimmViTForImageClassification.from_timm('vit_tiny_patch16_224', label_names=classes,
-                                                   model_args=TINY_VIT).eval()
+    return conftest.tiny_vit(classes, seed=seed, **TINY_VIT)
 
 
 def tiny_split(num_images: int, seed: int = 0, masks: bool = True, classes=CLASSES) -> datasets.Dataset:
@@ -66,17 +67,22 @@ def test_removal_counts_are_symmetric_and_run_from_none_to_all():
         assert symmetric.all()
 
 
+def auc(curves: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Area under ``[..., K + 1]`` curves over the fractions ``[K + 1]`` (trapezoid rule)."""
+    return torch.trapezoid(curves.float(), fractions.float().to(curves.device), dim=-1)
+
+
 def test_auc_and_statistics_of_hand_made_curves():
     fractions = torch.tensor([0.0, 0.5, 1.0])
     curves = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
-    assert fa.auc(curves, fractions).tolist() == pytest.approx([1.0, 0.5, 0.25])
-    assert fa.auc(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.2, 1.0])).item() == pytest.approx(0.1)
+    assert auc(curves, fractions).tolist() == pytest.approx([1.0, 0.5, 0.25])
+    assert auc(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.2, 1.0])).item() == pytest.approx(0.1)
 
-    stats = fa.mean_se([1.0, 2.0, 3.0, 4.0])
+    stats = mean_se([1.0, 2.0, 3.0, 4.0])
     assert stats['mean'] == pytest.approx(2.5) and stats['num_images'] == 4
     assert stats['se'] == pytest.approx(math.sqrt(5 / 3) / 2)  # sample std / sqrt(n)
-    assert fa.mean_se([0.3])['se'] is None
-    assert fa.mean_se([1.0, float('nan'), 3.0])['mean'] == pytest.approx(2.0)
+    assert mean_se([0.3])['se'] is None
+    assert mean_se([1.0, float('nan'), 3.0])['mean'] == pytest.approx(2.0)
 
     deletion = np.array([[1.0, 0.5, 0.0], [1.0, 1.0, 0.0]])  # AUC 0.5, 0.75
     insertion = np.array([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])  # AUC 0.75, 0.25
@@ -146,7 +152,7 @@ def test_the_oracle_map_has_the_lowest_deletion_auc_and_the_reversed_one_the_hig
     deletion, insertion = fa.perturbation_curves(KnownPatchesModel(), images, torch.zeros_like(images), order, target,
                                                  LAYOUT, steps=8, batch_size=32)
     fractions = fa.removal_counts(16, 8).float() / 16
-    deletion_auc, insertion_auc = fa.auc(deletion, fractions), fa.auc(insertion, fractions)  # [B, M]
+    deletion_auc, insertion_auc = auc(deletion, fractions), auc(insertion, fractions)  # [B, M]
     assert (deletion_auc.argmin(dim=1) == 0).all() and (deletion_auc.argmax(dim=1) == 1).all()
     assert (insertion_auc.argmax(dim=1) == 0).all() and (insertion_auc.argmin(dim=1) == 1).all()
     # the oracle removes all three known patches within the first two steps: chance level from there on
@@ -257,7 +263,7 @@ def test_background_share_by_hand():
 @pytest.fixture(scope='module')
 def shuffled_label_model():
     """A tiny ViT trained for a few steps on labels drawn at random: nothing to explain, outputs not constant."""
-    from analysis.transforms import eval_transform, model_data_config
+    from analysis.modeling.transforms import eval_transform, model_data_config
     model = tiny_vit(seed=5)
     split = tiny_split(64, seed=1)
     transform = eval_transform(model_data_config(model.timm_model))
@@ -407,12 +413,12 @@ def test_figure_report_and_card(tmp_path, study):
                                                       'test_class_names': CLASSES}))
     (run / 'run_config.json').write_text(json.dumps({'model': {'model_name_or_path': 'vit_tiny_patch16_224'},
                                                      'data': {'dataset_name': 'synthetic'}}))
-    html = write_report(run).read_text()
+    html = write_report(run, render_figures(run)).read_text()
     assert 'python -m analysis faithfulness --model' in html  # not run yet: says how
     assert 'not measured' in str(build_card(run))
 
     (run / 'faithfulness.json').write_text(json.dumps(study))
-    html = write_report(run).read_text()
+    html = write_report(run, render_figures(run)).read_text()
     section = html[html.index('<section id="faithfulness">'):]
     section = section[:section.index('</section>')]
     best = fa.method_label(study['most_faithful']['method'])
@@ -426,7 +432,7 @@ def test_figure_report_and_card(tmp_path, study):
 
 def test_study_summary_for_the_background_study():
     shares = {'layer_1': 0.5, 'layer_2': 0.3, 'rollout': 0.4, 'gradient_rollout': 0.45, 'random': 0.7}
-    summary = fa.study_summary(hand_made(share=shares))
+    summary = fa.faithfulness_summary(hand_made(share=shares))
     assert summary == {'most_faithful': 'layer_2', 'difference': 0.30, 'background_share': 0.3,
                        'background_share_random': 0.7, 'background_area': 0.7}
 
@@ -435,7 +441,7 @@ def test_study_summary_for_the_background_study():
 # The command line, end to end on the tiny run
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_faithfulness_command(tiny_run, tmp_path, capsys):
     from analysis.cli import main as cli
     run, _ = tiny_run

@@ -1,4 +1,5 @@
 """Fine-tuning from a checkpoint: the base cache, backbone loading with a new head, attention before vs after."""
+import hashlib
 import json
 import os
 import signal
@@ -12,45 +13,33 @@ import torch
 from safetensors.torch import load_file
 
 import train_hf
-from analysis import cli, training
-from analysis.attention_change import attention_change, compare_runs, js_divergence
-from conftest import TINY_DATA, TINY_MODEL, base_cache_at, tiny_args
+from analysis import cli
+from analysis.maps.attention_change import attention_change, compare_runs, js_divergence
+from analysis.train import args as train_args
+from analysis.train import base as train_base
+from analysis.train import job as training
+from conftest import TINY_DATA, TINY_MODEL, save_summary, tiny_args, tiny_base_config
 from data_scripts.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ['black-eyed susan', 'star lily', 'round poppy', 'fringed pink', 'spider aster']
 
 
-def base_config(**changes):
-    """A tiny base: a 2-block ViT trained for a few steps on 3 classes (not the 5 the tests fine-tune on)."""
-    config = {'model_name_or_path': 'vit_tiny_patch16_224', 'pretrained': False, 'model_args': TINY_MODEL,
-              'dataset_name': 'synthetic', 'synthetic_num_classes': 3, 'synthetic_train_per_class': 8,
-              'synthetic_validation_per_class': 2, 'synthetic_test_per_class': 2, 'synthetic_image_size': 32,
-              'synthetic_seed': 7, 'max_steps': 4, 'per_device_train_batch_size': 8, 'eval_strategy': 'no',
-              'save_strategy': 'steps', 'save_steps': 1, 'report_to': 'none', 'disable_tqdm': True, 'seed': 5,
-              'output_dir': 'ignored: the cache decides'}
-    return {**config, **changes}
+base_config = tiny_base_config  # 3 classes, not the 5 the tests fine-tune on
 
 
 @pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    """A fresh base cache for this module (FLOWER_VIT_LENS_CACHE), restored afterwards."""
-    with base_cache_at(tmp_path_factory.mktemp('cache')) as folder:
-        yield folder
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.fixture(scope='module')
-def base(cache, tmp_path_factory):
-    """``base:<config path>`` of a tiny base, built once into the module's cache."""
-    path = tmp_path_factory.mktemp('configs') / 'base_tiny.json'
-    path.write_text(json.dumps(base_config()))
-    name = f'base:{path}'
-    folder = training.ensure_base(name)
-    return name, folder
+def cache(base_cache):
+    return base_cache
 
 
 def start_model(name, class_names, pretrained=True, **flags):
-    model_args, _, _ = training.parse_args(['--model_name_or_path', name, '--pretrained', str(pretrained).lower(),
+    model_args, _, _ = train_args.parse_args(['--model_name_or_path', name, '--pretrained', str(pretrained).lower(),
                                             *[str(x) for kv in flags.items() for x in kv]])
     return training.build_model(model_args, class_names, *training.resolve_start(model_args))
 
@@ -66,10 +55,47 @@ def test_base_is_built_once_and_cached_by_its_config(base, cache, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError('the cached base was trained again')
     monkeypatch.setattr(training, 'run', no_training)
-    assert training.ensure_base(name) == folder
+    assert train_base.ensure_base(name, training.run) == folder
     other = Path(name[len('base:'):]).with_name('base_other.json')
     other.write_text(json.dumps(base_config(seed=6)))
-    assert training.base_cache_dir(f'base:{other}').name.split('-')[-1] != folder.name.split('-')[-1]
+    assert train_base.base_cache_dir(f'base:{other}').name.split('-')[-1] != folder.name.split('-')[-1]
+
+
+def test_the_cache_key_is_the_resolved_arguments_and_the_process_count(tmp_path):
+    """A flag written out at its default is the same base; another value, or another process count, is not."""
+    from transformers import TrainingArguments
+    default_decay = TrainingArguments.__dataclass_fields__['weight_decay'].default  # FlowerTrainingArguments' own
+    paths = {}
+    for name, changes in (('plain', {}), ('explicit', {'weight_decay': 0.05}), ('other', {'weight_decay': 0.1})):
+        config = {k: v for k, v in tiny_base_config(**changes).items()}
+        paths[name] = tmp_path / name / 'base_tiny.json'
+        paths[name].parent.mkdir()
+        paths[name].write_text(json.dumps(config))
+    assert 'weight_decay' not in json.loads(paths['plain'].read_text()) and default_decay != 0.05
+    key = {name: train_base.base_cache_dir(f'base:{path}').name for name, path in paths.items()}
+    assert key['plain'] == key['explicit'] != key['other']  # 0.05 is FlowerTrainingArguments' default
+    assert train_base.base_cache_dir(f'base:{paths["plain"]}', 2).name != key['plain']
+
+
+@pytest.mark.e2e
+def test_two_runs_that_need_one_base_at_once_build_it_once(tmp_path):
+    """Two processes started together on an empty cache: one builds, the other waits for it and reuses it."""
+    config = tmp_path / 'base_shared.json'
+    config.write_text(json.dumps(base_config(max_steps=6)))
+    env = dict(os.environ, **{train_args.CACHE_ENV: str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1',
+                              'PYTHONPATH': str(ROOT)})
+    code = (f'from analysis.train import base, job; from analysis.core.run_files import weights_sha256; '
+            f'folder = base.ensure_base("base:{config}", job.run); print("BASE", folder, weights_sha256(folder))')
+    runs = [subprocess.Popen([sys.executable, '-c', code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    logs = ''.join(out + err for out, err in outputs)
+    assert logs.count('building the base model') == 1 and logs.count('another run is building this base') == 1
+    (first,), (second,) = ([line for line in out.splitlines() if line.startswith('BASE ')] for out, _ in outputs)
+    assert first == second  # the same folder, the same weights' SHA-256
+    entries = sorted(p.name for p in (tmp_path / 'cache' / 'bases').iterdir())
+    assert len(entries) == 2 and entries[1] == entries[0] + '.lock'  # one base, no .partial left
 
 
 def test_backbone_is_the_bases_and_the_head_is_new(base):
@@ -83,7 +109,22 @@ def test_backbone_is_the_bases_and_the_head_is_new(base):
         assert torch.equal(weights[key], checkpoint[key]), key
     assert weights['head.weight'].shape == (5, 48) and checkpoint['head.weight'].shape == (3, 48)
     assert model.class_names == FLOWERS
-    assert start['weights_sha256'] and start['checkpoint'] == str(folder)
+    assert start['weights_sha256'] == hashlib.sha256((folder / 'model.safetensors').read_bytes()).hexdigest()
+    assert start['checkpoint'] == str(folder)
+
+
+def test_as_many_other_classes_get_a_new_head(base):
+    """Three classes again, but other ones (or the same in another order): the head's rows would mean other
+    classes, so it is initialised anew even though its shape fits."""
+    name, folder = base
+    base_classes = json.loads((folder / 'config.json').read_text())['label_names']
+    checkpoint_head = load_file(str(folder / 'model.safetensors'))['head.weight']
+    for classes in (FLOWERS[-3:], base_classes[::-1]):
+        assert len(classes) == len(base_classes) and classes != base_classes
+        model, start = start_model(name, classes)
+        assert start['initialised'] == ['head.bias', 'head.weight'], classes
+        assert model.timm_model.head.weight.shape == checkpoint_head.shape
+        assert not torch.equal(model.timm_model.head.weight, checkpoint_head)
 
 
 def test_same_classes_keep_the_head(base):
@@ -116,7 +157,7 @@ def test_a_base_of_another_shape_fails_before_training_with_one_line(base, tmp_p
     assert not (out / 'model.safetensors').exists() and not list(out.glob('checkpoint-*'))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_start_attention_is_the_bases_and_training_records_the_change(base, tmp_path, capsys):
     name, folder = base
     out = tmp_path / 'run'
@@ -145,13 +186,13 @@ def test_start_attention_is_the_bases_and_training_records_the_change(base, tmp_
     assert 'id="change"' in (out / 'report.html').read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_killed_base_build_leaves_no_cache_entry_and_the_next_build_resumes(tmp_path):
     config = tmp_path / 'base_killed.json'
     config.write_text(json.dumps(base_config(max_steps=40, save_steps=5)))
-    env = dict(os.environ, **{training.CACHE_ENV: str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1',
+    env = dict(os.environ, **{train_args.CACHE_ENV: str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1',
                               'PYTHONPATH': str(ROOT)})
-    code = f'from analysis.training import ensure_base; ensure_base("base:{config}")'
+    code = f'from analysis.train import base, job; base.ensure_base("base:{config}", job.run)'
     proc = subprocess.Popen([sys.executable, '-c', code], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial_runs = tmp_path / 'cache' / 'bases'
@@ -162,13 +203,14 @@ def test_a_killed_base_build_leaves_no_cache_entry_and_the_next_build_resumes(tm
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [p.name.endswith('.partial') for p in partial_runs.iterdir()] == [True]  # nothing looks complete
+    entries = [p for p in partial_runs.iterdir() if p.suffix != '.lock']
+    assert [p.name.endswith('.partial') for p in entries] == [True]  # nothing looks complete
 
     resumed = subprocess.run([sys.executable, '-c', code], env=env, cwd=tmp_path, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resuming training from' in resumed.stdout + resumed.stderr
-    (entry,) = partial_runs.iterdir()
+    (entry,) = [p for p in partial_runs.iterdir() if p.suffix != '.lock']
     assert not entry.name.endswith('.partial') and (entry / 'model.safetensors').is_file()
 
 
@@ -180,8 +222,8 @@ def test_js_divergence_known_values():
 
 
 def test_attention_change_and_run_comparison_on_hand_made_summaries(tmp_path):
-    from analysis import summary
-    from analysis.tokens import TokenLayout
+    from analysis.maps import summary
+    from analysis.modeling.tokens import TokenLayout
     layout = TokenLayout(1, (1, 2), (8, 8))
     fg = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # the flower is the left patch of both images
     start = torch.tensor([[0.5, 0.5], [0.5, 0.5]])  # [M, P] CLS map of the one layer and head
@@ -193,7 +235,7 @@ def test_attention_change_and_run_comparison_on_hand_made_summaries(tmp_path):
         meta = {'format': summary.SUMMARY_FORMAT, 'version': summary.SUMMARY_VERSION, 'model_id': name,
                 'class_names': ['a', 'b'], 'num_layers': 1, 'num_heads': 1, 'layout': layout.to_dict(),
                 'image_size': [8, 16], 'has_masks': True, 'dataset': 'd', 'split': 'test', 'num_images': 2}
-        summary.save_summary(tmp_path / f'{name}.safetensors', tensors, meta)
+        save_summary(tmp_path / f'{name}.safetensors', tensors, meta)
     metrics = {'layers': {'fg_lift': {'mean': [1.0]}}, 'rollout': {}}
     change = attention_change(tmp_path / 'start.safetensors', tmp_path / 'end.safetensors', metrics, metrics)
     # fg_ratio moved from 0.5 to 0.9 and 0.7: mean change 0.3, standard error 0.1 (std 0.1414 / sqrt 2)

@@ -7,11 +7,11 @@ import httpx2
 import pytest
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
+from test_card import make_run_dir
 
-from analysis.hub import files_to_upload, push_output_dir
+from analysis.publish.hub import files_to_upload, push_output_dir
 from data_scripts import hub
 from data_scripts.hub import HubError, check_hub_access, resolve_token
-from test_card import make_run_dir
 
 TOKEN = 'hf_SecretTokenThatMustNeverLeak123'
 PUBLISHED = {

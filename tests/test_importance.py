@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis import importance
-from analysis.importance import (ablate_heads, cls_features, greedy_pruning, importance_study, linear_probe,
-                                 skip_blocks)
-from analysis.modeling import TimmViTForImageClassification
+from analysis.modeling.timm_internals import ablate_heads, skip_blocks
+from analysis.studies import importance
+from analysis.studies.importance import cls_features, greedy_pruning, image_tensors, importance_study, linear_probe
+from conftest import tiny_vit
 
 CLASSES = ['a', 'b', 'c']
 DEPTH, HEADS, WIDTH = 3, 3, 48
@@ -16,13 +16,8 @@ DEPTH, HEADS, WIDTH = 3, 3, 48
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    m = TimmViTForImageClassification.from_timm(
-        'vit_tiny_patch16_224', pretrained=False, label_names=CLASSES,
-        model_args={'img_size': 32, 'patch_size': 8, 'embed_dim': WIDTH, 'depth': DEPTH, 'num_heads': HEADS})
     # timm zero-initialises the head; random weights make every logit depend on the features
-    torch.nn.init.normal_(m.timm_model.head.weight, std=0.5)
-    return m.eval()
+    return tiny_vit(CLASSES, random_head=True, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS)
 
 
 @pytest.fixture(scope='module')
@@ -121,8 +116,7 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     test[1, :, 0] += 10 * test_labels
     accs = linear_probe(torch.from_numpy(signal), torch.from_numpy(labels), torch.from_numpy(test),
                         torch.from_numpy(test_labels))
-    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
-    assert accs[1] == 1.0 and accs[0] < 0.7
+    assert len(accs) == 2 and accs[1] == 1.0 and accs[0] < 0.7
 
 
 def _scripted_accuracy(monkeypatch, by_call):
@@ -192,7 +186,18 @@ def test_importance_study_schema(model):
                 'head_ablation_accuracy', 'greedy_pruning', 'num_train', 'num_test'):
         assert key in result
     for key in ('probe_accuracy', 'layer_skip_accuracy', 'truncate_accuracy'):
-        assert len(result[key]) == DEPTH and all(0.0 <= a <= 1.0 for a in result[key])
+        assert len(result[key]) == DEPTH
+    assert result['truncate_accuracy'] == result['probe_accuracy'][::-1]
+    # the oracle: the model's own forward on the eval crops of the first 5 test images, scored by hand
+    pixel_values, labels = image_tensors(model, data['test'], max_images=5)
+
+    def hand_accuracy(**ablation):
+        context = skip_blocks(model, ablation['skip']) if 'skip' in ablation else ablate_heads(model, ablation['heads'])
+        with torch.no_grad(), context:
+            return (model(pixel_values).logits.argmax(-1) == labels).float().mean().item()
+    assert result['baseline_accuracy'] == pytest.approx(hand_accuracy(skip=[]))
+    assert result['layer_skip_accuracy'] == pytest.approx([hand_accuracy(skip=[layer]) for layer in range(DEPTH)])
+    assert result['head_ablation_accuracy'][1] == pytest.approx([hand_accuracy(heads=[(1, h)]) for h in range(HEADS)])
     assert [len(row) for row in result['head_ablation_accuracy']] == [HEADS] * DEPTH
     pruning = result['greedy_pruning']
     assert set(pruning) >= {'order', 'accuracy', 'num_prunable', 'num_heads', 'tolerance'}

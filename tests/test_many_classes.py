@@ -7,9 +7,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from analysis import card, figures, findings, report, summary
-from analysis.metrics import classification_metrics
-from analysis.tokens import TokenLayout
+from analysis.core.metrics import classification_metrics
+from analysis.maps import summary
+from analysis.modeling.tokens import TokenLayout
+from analysis.render import card, figures, findings, report
+from analysis.render.figures import render_figures
 from tests.test_card import make_run_dir
 
 C = 25  # classes: 2 pages of class maps (20 + 4: class 24 has no image)
@@ -87,7 +89,7 @@ def test_class_map_pages_show_every_class_with_images():
 
 def test_report_and_card_at_many_classes(tmp_path):
     run = write_many_class_run(tmp_path / 'run')
-    page = report.write_report(run).read_text()
+    page = report.write_report(run, render_figures(run)).read_text()
     names = sorted(p.name for p in (run / 'figures').iterdir())
     assert names == ['class_maps.png', 'class_maps_2.png', 'confusion_matrix.png', 'f1_bars.png']
     for k, classes in ((1, '1-12'), (2, '13-24')):
@@ -111,7 +113,7 @@ def test_report_and_card_at_many_classes(tmp_path):
 def test_report_at_few_classes_keeps_one_class_map_figure_and_label_order(tmp_path):
     from tests.test_report import CLASS_NAMES, make_run
     run = make_run(tmp_path)
-    page = report.write_report(run).read_text()
+    page = report.write_report(run, render_figures(run)).read_text()
     assert not list((run / 'figures').glob('class_maps_*.png'))
     assert 'all 3 classes with images.' in page and 'page 1 of' not in page and 'Every class with images' not in page
     per_class = page.split('<th>support</th>')[1].split('</table>')[0]

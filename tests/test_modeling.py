@@ -6,18 +6,18 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, pipeline
 
-from analysis.modeling import TimmViTForImageClassification, capture_attentions, vit_attention_modules
-from analysis.transforms import eval_transform, model_data_config
+from analysis.modeling.timm_internals import capture_attentions, vit_attention_modules
+from analysis.modeling.transforms import eval_transform, model_data_config
+from analysis.modeling.vit import TimmViTForImageClassification
+from conftest import TINY_VIT, tiny_vit
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+TINY = TINY_VIT
 CLASSES = ['daisy', 'tulip', 'rose']
 
 
 @pytest.fixture(scope='module')
 def tiny_model():
-    torch.manual_seed(0)
-    return TimmViTForImageClassification.from_timm(
-        'vit_tiny_patch16_224', pretrained=False, label_names=CLASSES, model_args=TINY).eval()
+    return tiny_vit(CLASSES)
 
 
 @pytest.mark.parametrize('name,extra', [
@@ -125,7 +125,7 @@ def test_four_loaders_agree(tiny_model, tmp_path):
 
 
 def test_images_must_tile_the_patch_grid(tiny_model):
-    from analysis.extract import check_input_size
+    from analysis.maps.extract import check_input_size
     check_input_size(torch.zeros(1, 3, 32, 32), tiny_model.token_layout)
     with pytest.raises(ValueError, match='eval transform'):
         check_input_size(torch.zeros(1, 3, 40, 32), tiny_model.token_layout)
@@ -139,9 +139,21 @@ def test_model_without_cls_token_is_refused():
 
 
 def test_label_style_masks_are_scaled():
-    from analysis.transforms import mask_to_tensor
+    from analysis.modeling.transforms import mask_to_tensor
     labels = np.zeros((8, 8), np.uint8)
     labels[2:6, 2:6] = 1
     as_label = mask_to_tensor(Image.fromarray(labels), lambda m: m)
     as_l = mask_to_tensor(Image.fromarray(labels * 255), lambda m: m)
     assert torch.equal(as_label, as_l) and as_l.sum() == 16
+
+
+def test_save_pretrained_refuses_what_it_cannot_write_as_asked(tiny_model, tmp_path):
+    """One safetensors file or an error: no pickled weights, no silent single file past max_shard_size."""
+    from data_scripts.errors import UserError
+    with pytest.raises(UserError, match='safetensors only'):
+        tiny_model.save_pretrained(tmp_path / 'pickled', safe_serialization=False)
+    with pytest.raises(UserError, match='more than max_shard_size=1KB'):
+        tiny_model.save_pretrained(tmp_path / 'sharded', max_shard_size='1KB')
+    assert not (tmp_path / 'sharded' / 'model.safetensors').exists()
+    tiny_model.save_pretrained(tmp_path / 'fits', max_shard_size='5GB')
+    assert (tmp_path / 'fits' / 'model.safetensors').is_file()

@@ -1,11 +1,11 @@
-"""Tests of analysis.plots: known-answer upsampling, panel layout of each figure, PNG writing."""
+"""Tests of analysis.render.plots: known-answer upsampling, panel layout of each figure, PNG writing."""
 import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
 
-from analysis import plots
-from analysis.tokens import TokenLayout
+from analysis.modeling.tokens import TokenLayout
+from analysis.render import plots
 
 # 1 prefix token, 2 x 2 patches of 8 px -> 16 x 16 images, P = 4.
 LAYOUT = TokenLayout(num_prefix_tokens=1, grid_size=(2, 2), patch_size=(8, 8))

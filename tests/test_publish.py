@@ -3,15 +3,14 @@ import json
 
 import pytest
 from huggingface_hub import ModelCard
-
-import train_hf
-from data_scripts.hub import HubError
-from conftest import tiny_args
 from test_hub import TOKEN
 
-pytestmark = pytest.mark.slow
+import train_hf
+from conftest import tiny_args
+from data_scripts.hub import HubError
 
 
+@pytest.mark.e2e
 def test_train_pushes_the_finished_run(tmp_path, fake_hub, caplog, capsys):
     out = tmp_path / 'run'
     train_hf.main(tiny_args(out, '--max_steps', '2', '--logging_steps', '1', '--report_to', 'tensorboard',

@@ -1,15 +1,18 @@
-"""Tests of analysis.report: summary loading, sentences from numbers, figures and the HTML report."""
+"""Tests of analysis.render.report: summary loading, sentences from numbers, figures and the HTML report."""
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
-from analysis import figures, findings, report, summary
-from analysis.attention_metrics import class_mean_cls_maps
-from analysis.tokens import TokenLayout
+from analysis.maps import summary
+from analysis.maps.attention_metrics import class_mean_cls_maps
+from analysis.modeling.tokens import TokenLayout
+from analysis.render import figures, findings, report
 
 # M images, L layers, H heads; 1 prefix token, 2 x 2 patches of 8 px -> 16 x 16 images.
 M, L, H = 6, 3, 2
@@ -186,12 +189,15 @@ def test_render_figures_writes_the_standard_pngs(tmp_path):
     # fg_lift is highest at layer 2 -> the head maps are of layer 2.
     assert names == ['class_maps.png', 'confusion_matrix.png', 'depth_curves.png', 'f1_bars.png',
                      'head_maps_layer2.png', 'layer_grid.png']
-    assert all(p.stat().st_size > 1000 for p in written.values())
+    assert sorted(p.name for p in written.values()) == names
+    for path in written.values():  # real pictures: they decode, and they are not one flat colour
+        pixels = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32)
+        assert min(pixels.shape[:2]) >= 100 and pixels.std() > 10, path.name
 
 
 def test_write_report_is_self_contained_and_escaped(tmp_path):
     out = make_run(tmp_path, has_masks=True)
-    page = report.write_report(out).read_text()
+    page = report.write_report(out, figures.render_figures(out)).read_text()
     assert (out / 'report.html').is_file()
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
     assert 'src="http' not in page and 'href=' not in page and '<link' not in page
@@ -206,7 +212,7 @@ def test_write_report_is_self_contained_and_escaped(tmp_path):
 
 def test_write_report_without_masks_shows_the_omission_and_no_fg_lift_table(tmp_path):
     out = make_run(tmp_path, has_masks=False)
-    page = report.write_report(out).read_text()
+    page = report.write_report(out, figures.render_figures(out)).read_text()
     assert 'Flower-mask metrics (fg_ratio, fg_lift, pointing game, per class) are missing: ' \
            'the dataset has no flower masks.' in page
     assert '<th>fg_lift</th>' not in page and '<th>pointing_game</th>' not in page
@@ -216,7 +222,7 @@ def test_write_report_without_masks_shows_the_omission_and_no_fg_lift_table(tmp_
 
 def test_write_report_includes_background_and_importance_when_present(tmp_path):
     out = make_run(tmp_path, background=BACKGROUND, importance=IMPORTANCE)
-    page = report.write_report(out).read_text()
+    page = report.write_report(out, figures.render_figures(out)).read_text()
     assert 'was not run' not in page
     assert 'bg_gap = acc(mixed_same) - acc(mixed_rand) = 0.21: the model uses the background' in page
     assert '2 of 6 heads can be pruned' in page
@@ -226,4 +232,4 @@ def test_write_report_includes_background_and_importance_when_present(tmp_path):
 
 def test_write_report_needs_training_results(tmp_path):
     with pytest.raises(FileNotFoundError, match='train first'):
-        report.write_report(tmp_path)
+        report.write_report(tmp_path, figures.render_figures(tmp_path))

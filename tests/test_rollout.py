@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from analysis.rollout import attention_rollout, discard_weakest, fuse_heads, rollout_cls
-from analysis.tokens import TokenLayout
+from analysis.maps.rollout import attention_rollout, discard_weakest, fuse_heads, rollout_cls
+from analysis.modeling.tokens import TokenLayout
 
 
 def random_attentions(num_layers=3, batch=2, heads=4, tokens=5, dtype=torch.float32, seed=0):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from analysis import extract
-from analysis.attention_metrics import AttentionMetricsAccumulator, class_mean_cls_maps
-from analysis.importance import EvalCrops, image_tensors, importance_study
-from analysis.metrics import classification_metrics
-from analysis.modeling import TimmViTForImageClassification
-from analysis.summary import SummaryReader, SummaryWriter, class_mean_cls_maps_streamed, load_summary
-from analysis.tokens import TokenLayout
-from analysis.transforms import batch_transform, collate, eval_transform, model_data_config
+from analysis.core.metrics import classification_metrics
+from analysis.maps import extract
+from analysis.maps.attention_metrics import AttentionMetricsAccumulator, class_mean_cls_maps
+from analysis.maps.summary import SummaryReader, SummaryWriter, class_mean_cls_maps_streamed, load_summary
+from analysis.modeling.tokens import TokenLayout
+from analysis.modeling.transforms import batch_transform, collate, eval_transform, model_data_config
+from analysis.studies.importance import EvalCrops, image_tensors, importance_study
+from conftest import tiny_vit
 from data_scripts import DataArguments, load_flower_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +37,8 @@ def data():
 
 @pytest.fixture(scope='module')
 def model(data):
-    torch.manual_seed(0)
-    m = TimmViTForImageClassification.from_timm('vit_tiny_patch16_224', label_names=data['test'].features['label'].names,
-                                                model_args=TINY)
-    torch.nn.init.normal_(m.timm_model.head.weight, std=0.5)  # timm zero-initialises the head: varied predictions
-    return m.eval()
+    # timm zero-initialises the head: a random one gives varied predictions
+    return tiny_vit(data['test'].features['label'].names, random_head=True, depth=TINY['depth'])
 
 
 def _status_kib(key):
@@ -122,7 +120,7 @@ def test_class_means_read_in_chunks_equal_the_in_memory_ones(tmp_path):
         writer.append('labels', labels)
         writer.close({'format': 'flower-vit-lens/attention-summary', 'version': 1})
     expected, counts = class_mean_cls_maps(cls_attention, labels, 4)
-    import analysis.summary as summary
+    import analysis.maps.summary as summary
     chunk_bytes = summary.CHUNK_BYTES
     try:
         summary.CHUNK_BYTES = 100  # a few images per chunk
@@ -183,7 +181,7 @@ def test_shards_merge_into_exactly_the_one_process_summary(model, data, tmp_path
 def test_metric_sums_are_merged_batch_by_batch_in_split_order(model, data, tmp_path):
     """Float addition is not associative: the merge adds every batch's sums in split order, as one process does,
     not each part's total (crafted rollout entropy sums where the two differ)."""
-    from analysis.summary import save_summary
+    from conftest import save_summary
     parts = [extract.extract_shard(model, data['test'], tmp_path / f'rank{r}.safetensors', rank=r, world_size=2,
                                    batch_size=4, progress=False) for r in range(2)]  # 7 batches: 4 + 3
     crafted = [[1.0, 0.0, 0.0, 0.0], [6e-17, 6e-17, 0.0]]  # (1 + 6e-17) + 6e-17 == 1, 1 + (6e-17 + 6e-17) > 1
@@ -258,9 +256,11 @@ def test_one_pass_test_metrics_equal_the_trainer_predict_ones(model, data, tmp_p
     """`extract_and_score` (the end of a run in one pass) writes the test metrics `training.evaluate_test` writes
     from its own Trainer.predict pass, key for key and value for value (runtime aside)."""
     import datasets
-    from analysis import training
+
+    from analysis.train import args as train_args
+    from analysis.train import job as training
     from tests.conftest import tiny_args
-    model_args, _, training_args = training.parse_args(tiny_args(tmp_path / 'run'))
+    model_args, _, training_args = train_args.parse_args(tiny_args(tmp_path / 'run'))
     dataset = datasets.DatasetDict({k: v.with_format(None) for k, v in data.items()})  # build_trainer sets transforms
     trainer = training.build_trainer(model, dataset, model_args, training_args)
     today = training.evaluate_test(trainer, dataset, model.class_names)
@@ -273,8 +273,17 @@ def test_one_pass_test_metrics_equal_the_trainer_predict_ones(model, data, tmp_p
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['attention_metrics.json', 'attentions.safetensors']
 
 
+def extract_summary(model, dataset, **options):
+    """The summary of a small split in memory: ``(tensors, metadata, metrics)`` (options of `extract_shard`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = extract.extract_to_file(model, dataset, Path(tmp) / 'attentions.safetensors', **options)
+        with SummaryReader(result.path) as reader:
+            tensors = {name: reader.read(name) for name in reader.keys()}
+    return tensors, result.metadata, result.metrics
+
+
 def test_extract_summary_in_memory_has_the_file_contents(model, data, tmp_path):
-    tensors, meta, metrics = extract.extract_summary(model, data['test'], batch_size=8, progress=False)
+    tensors, meta, metrics = extract_summary(model, data['test'], batch_size=8, progress=False)
     extract.extract_to_file(model, data['test'], tmp_path / 's.safetensors', batch_size=8, progress=False)
     on_disk, on_disk_meta = load_summary(tmp_path / 's.safetensors')
     assert meta == on_disk_meta and tensors.keys() == on_disk.keys()
@@ -311,7 +320,7 @@ def _env(threads: int):
     return env
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_accelerate_extract_equals_one_process(model, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m analysis extract` on CPU (gloo) writes the same files as
     one process: tensors equal, metrics JSON equal byte for byte; also with more processes than batches."""
@@ -342,6 +351,7 @@ def test_two_process_accelerate_extract_equals_one_process(model, tmp_path):
 
 # ----------------------------------------------------------------------------- GPU readiness bench
 
+@pytest.mark.bench
 def test_gpu_throughput_bench_runs_on_cpu_and_names_the_attention_kernels(tmp_path):
     """`bench/gpu_throughput.py --device cpu --tiny`: the Trainer path trains with fused SDPA, extraction runs eager."""
     sys.path.insert(0, str(ROOT / 'bench'))

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis.transforms import SeededAugmentation, train_transform
+from analysis.modeling.transforms import SeededAugmentation, train_transform
 
 DATA_CONFIG = {'input_size': (3, 32, 32), 'interpolation': 'bilinear', 'mean': (0.5, 0.5, 0.5),
                'std': (0.5, 0.5, 0.5), 'crop_pct': 1.0, 'crop_mode': 'center'}

@@ -1,8 +1,10 @@
 """The built wheel, installed into a fresh virtual environment outside the checkout, runs a job from another folder.
 
-The environment sees the machine's packages (``--system-site-packages``, so torch is not installed
-again) but gets the project itself only from the wheel; the test checks that the modules it runs
-come from there, not from this checkout.
+The environment sees the packages of the interpreter that runs the tests (a ``.pth`` file lists its
+site-packages folders, so torch is not installed again, whether the tests run in a venv, a conda env
+or a system install) but gets the project itself only from the wheel: the ``.pth`` adds those folders
+as plain paths, so the ``.pth`` files inside them, among them an editable install of this checkout,
+are not run. The test checks that the modules it runs come from the wheel, not from this checkout.
 """
 import json
 import shutil
@@ -17,7 +19,7 @@ import pytest
 from conftest import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.packaging
 
 
 def run(cmd, cwd, timeout=300):
@@ -42,20 +44,23 @@ def wheel(tmp_path_factory):
 
 def test_wheel_carries_templates_and_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ('train_hf.py', 'analysis/templates/model_card.md', 'analysis/templates/report/page.html.j2',
-                     'analysis/templates/report/explorer.html.j2', 'analysis/templates/report/explorer.js',
+    for required in ('train_hf.py', 'analysis/render/templates/model_card.md', 'analysis/render/templates/report/page.html.j2',
+                     'analysis/render/templates/report/explorer.html.j2', 'analysis/render/templates/report/explorer.js',
                      'analysis/configs/synthetic_demo.json', 'analysis/configs/oxford102_vit_base.json',
                      'data_scripts/synthetic_flowers.py'):
         assert required in names
     assert not any(name.startswith(('tests/', 'bench/', 'outputs/')) for name in names)
-    card = zipfile.ZipFile(wheel).read('analysis/templates/model_card.md').decode()
+    card = zipfile.ZipFile(wheel).read('analysis/render/templates/model_card.md').decode()
     assert card == (ROOT / 'model_card.md').read_text()  # the real template, not a link
 
 
 def test_installed_wheel_trains_and_reports_from_another_folder(wheel, tmp_path):
     env_dir = tmp_path / 'venv'
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # this pip installs into it (--python)
+    venv.create(env_dir, with_pip=False)  # this pip installs into it (--python)
     python = env_dir / 'bin' / 'python'
+    purelib = run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], cwd=tmp_path).strip()
+    ours = [p for p in sys.path if p.endswith(('site-packages', 'dist-packages')) and Path(p).is_dir()]
+    (Path(purelib) / 'test_interpreter_packages.pth').write_text('\n'.join(ours) + '\n')
     run([sys.executable, '-m', 'pip', '--python', python, 'install', '-q', '--no-deps', '--ignore-installed', wheel],
         cwd=tmp_path)
     work = tmp_path / 'elsewhere'

@@ -1,0 +1,3 @@
+"""Attention maps: rollout and per-layer metrics (tensor math), streaming extraction into the summary file, and
+what training changed.
+"""

@@ -1,0 +1,2 @@
+"""Publishing a run to the Hugging Face Hub.
+"""
