@@ -109,3 +109,26 @@ def test_seeds_command_end_to_end_and_the_same_seeds_give_the_same_entries(tmp_p
     assert 'one training run (seed 1)' in card and 'one of 2 runs of the same job' in card
     assert 'How stable are these findings across training runs' in (outputs[0] / 'seed_2' / 'report.html').read_text()
     assert '## How stable are these findings across training runs' in (outputs[0] / 'seeds.md').read_text()
+
+
+def test_the_section_states_the_verdicts_and_both_spreads():
+    from analysis.render.stability import stability_markdown
+    runs = [run(s, [1.5, 1.0], [0.1, 0.1], [0.05, -0.04], [0.01, 0.01]) for s in range(5)]
+    markdown = stability_markdown(aggregate(runs))
+    assert markdown.startswith('## How stable are these findings across training runs')
+    assert '5 training runs of the same job (seeds 0, 1, 2, 3, 4)' in markdown
+    assert 'in a stable way: layer 1; varying between runs: layer 2.' in markdown
+    assert 'onto the flower at layer 1 and off it at layer 2;' in markdown
+    assert '| 1 | 1.5000 ± 0.0000 | 0.1000 | stable | 0.0500 ± 0.0000 | 0.0100 | onto: stable |' in markdown
+    assert '| rose | 0.930 | 0.000 | 0.930 |' in markdown
+
+
+def test_seeds_command_needs_two_runs_and_integer_seeds(tmp_path):
+    from analysis.seeds import parse_seeds, run_dir, run_seeds
+    assert parse_seeds('42,0, 1') == [42, 0, 1]
+    with pytest.raises(ValueError, match='comma-separated integers'):
+        parse_seeds('42,x')
+    with pytest.raises(ValueError, match='at least two runs'):
+        run_seeds([], tmp_path, seeds=[1])
+    assert run_dir(tmp_path, 3, None) == tmp_path / 'seed_3'
+    assert run_dir(tmp_path, 3, 1) == tmp_path / 'base_seed_1' / 'seed_3'
