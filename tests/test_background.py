@@ -240,7 +240,7 @@ def test_study_configs_differ_only_in_background_and_output_dir():
 @pytest.mark.e2e
 def test_study_quick_end_to_end(tmp_path):
     from analysis.cli import main as cli
-    assert cli(['study', '--output_dir', str(tmp_path), '--quick', 'true']) == 0
+    assert cli(['study', '--output_dir', str(tmp_path), '--quick', 'true', '--seeds', '2']) == 0
     saved = study = json.loads((tmp_path / 'study.json').read_text())
     models = ['correlated', 'random', 'finetuned_correlated', 'finetuned_random']
     assert [r['model'] for r in saved['models']] == models
@@ -252,6 +252,12 @@ def test_study_quick_end_to_end(tmp_path):
     assert set(saved['compression']) == {'finetuned_correlated', 'finetuned_random'}
     markdown = (tmp_path / 'study.md').read_text()
     assert study['quick'] is True and 'bg_gap' in markdown and 'moved off' in markdown.lower()
+    # --seeds 2: the first seed is the study's own pair (not trained again), the second a new pair
+    replication = study['replication']
+    assert replication['seeds'] == [42, 1] and not (tmp_path / 'finetuned_random_seed42').exists()
+    assert replication['per_seed'][0]['finetuned_random']['bg_gap'] == study['models'][3]['bg_gap']
+    assert (tmp_path / 'finetuned_random_seed1' / 'background.json').is_file()
+    assert len(replication['layers']) == 2 and '## The fine-tuned pair over 2 training seeds' in markdown
     # The fine-tuned pair started from the (quick) base: its backbone, not random weights.
     for name in models:
         start = json.loads((tmp_path / name / 'run_config.json').read_text())['start']
