@@ -7,7 +7,9 @@
     background  accuracy on background variants, bg_gap             (background.json + figure)
     importance  linear probes, layer skipping, head ablation         (importance.json + figure)
     faithfulness  which attention map explains the decision: deletion / insertion AUC  (faithfulness.json + figure)
+    sinks       high-norm tokens, attention sinks, registers, and whether the model needs them  (sinks.json + figure)
     compress    a smaller, faster model: blocks removed by importance, distilled, measured (compress.json + run dir)
+    app         a web page to look inside the model with your own photo (Gradio; pip install -e ".[app]")
     study       correlated vs random backgrounds, trained and measured end to end
     seeds       the same training job N times (seeds, bases): which findings hold across runs (seeds.json)
     push        publish an output directory to the Hugging Face Hub (or --dry_run into a folder)
@@ -86,6 +88,28 @@ class FaithfulnessFlags(ModelFlags):
 
 
 @dataclass
+class SinksFlags(ModelFlags):
+    split: str = field(default='test', metadata={'help': 'Split to measure on.'})
+    output: Optional[str] = field(default=None, metadata={'help': 'Folder for the JSON + figure (default: model dir).'})
+    max_images: int = field(default=500, metadata={'help': 'Measure this many images, drawn by seed.'})
+    causal_images: int = field(default=100, metadata={
+        'help': 'Images of the causal check (flagged tokens replaced by the mean of the others, against as many '
+                'random background tokens); 0: none.'})
+    layer: Optional[int] = field(default=None, metadata={
+        'help': 'Layer (1-based) of the causal check (default: the first whose sink share reaches half its maximum).'})
+    seed: int = field(default=0, metadata={'help': 'Seed of the image sample and of the random background tokens.'})
+
+
+@dataclass
+class AppFlags:
+    model: str = field(metadata={'help': 'Output directory of a run, Hub repo id, or timm model name.'})
+    host: str = field(default='127.0.0.1', metadata={'help': 'Address to serve on (0.0.0.0: every interface).'})
+    port: int = field(default=7860, metadata={'help': 'Port to serve on.'})
+    examples: int = field(default=8, metadata={
+        'help': 'Test images of the run offered as examples (their flower masks are known); 0: none.'})
+
+
+@dataclass
 class RunStudyFlags:
     output_dir: str = field(default='outputs/study', metadata={'help': 'Where both runs and the table go.'})
     quick: bool = field(default=False, metadata={'help': 'Tiny budget (smoke test), not the real study.'})
@@ -97,10 +121,15 @@ class RunStudyFlags:
 @dataclass
 class PushFlags:
     output_dir: str = field(metadata={'help': 'Output directory of a run.'})
-    repo_id: str = field(metadata={'help': 'Hub model repo, user/name.'})
-    private: bool = field(default=False, metadata={'help': 'Create the repo private.'})
+    repo_id: Optional[str] = field(default=None, metadata={
+        'help': 'Hub model repo, user/name (default: the run\'s --hub_model_id, when it had one).'})
+    space: Optional[str] = field(default=None, metadata={
+        'help': 'Also publish a Gradio Space, user/name, that runs the app (python -m analysis app) on the model; '
+                'the model card links to it.'})
+    private: bool = field(default=False, metadata={'help': 'Create the repo (and the Space) private.'})
     dry_run: Optional[str] = field(default=None, metadata={
-        'help': 'Write exactly what would be uploaded into this (new or empty) folder instead of pushing.'})
+        'help': 'Write exactly what would be uploaded into this (new or empty) folder instead of pushing (with '
+                '--space: the model into DRY_RUN/model, the Space into DRY_RUN/space).'})
 
 
 def _parse(flags, argv: List[str], with_data: bool = False):
@@ -313,6 +342,40 @@ def cmd_faithfulness(argv: List[str]) -> None:
     _write_study(output, 'faithfulness', result, plots.faithfulness_figure)
 
 
+def cmd_sinks(argv: List[str]) -> None:
+    from analysis.render import plots
+    from analysis.studies.sinks import sinks_of_split
+    flags, data_args = _parse(SinksFlags, argv, with_data=True)
+    if flags.max_images < 1 or flags.causal_images < 0:
+        raise UserError(f'--max_images must be >= 1 and --causal_images >= 0, got {flags.max_images}, '
+                        f'{flags.causal_images}')
+    _one_process('sinks')
+    output = _study_output(flags)
+    model = _load_model(flags.model).to(_study_device())
+    if flags.layer is not None and not 1 <= flags.layer <= model.num_blocks:
+        raise UserError(f'--layer {flags.layer}: the model has layers 1..{model.num_blocks}')
+    dataset = _dataset_for(data_args)
+    path = sinks_of_split(model, _split(dataset, flags.split), output, max_images=flags.max_images, seed=flags.seed,
+                          batch_size=flags.batch_size, model_id=flags.model, split=flags.split,
+                          causal_images=flags.causal_images, layer=None if flags.layer is None else flags.layer - 1)
+    figure_path = output / FIGURES_DIR / 'sinks.png'
+    plots.save_figure(plots.sinks_figure(json.loads(path.read_text())), figure_path)
+    print(f'wrote {path} and {figure_path}')
+
+
+def cmd_app(argv: List[str]) -> None:
+    (flags,) = _parse(AppFlags, argv)
+    if flags.examples < 0:
+        raise UserError(f'--examples must be >= 0, got {flags.examples}')
+    try:
+        import gradio  # noqa: F401
+
+        from analysis.app import serve
+    except ImportError as e:
+        raise UserError(f'the app needs Gradio ({e.name} is not installed): pip install -e ".[app]"') from e
+    serve(flags.model, host=flags.host, port=flags.port, examples=flags.examples)
+
+
 def cmd_compress(argv: List[str]) -> None:
     """The flags of CompressFlags; every other flag goes to the distillation runs as a train_hf flag."""
     from analysis.compress.flags import CompressFlags
@@ -358,15 +421,21 @@ def cmd_seeds(argv: List[str]) -> None:
 
 
 def cmd_push(argv: List[str]) -> None:
+    from analysis.core.run_files import RUN_CONFIG_FILE, read_optional_json
     from analysis.publish.hub import push_output_dir
     (flags,) = _parse(PushFlags, argv)
-    print(push_output_dir(flags.output_dir, flags.repo_id, private=flags.private, dry_run_dir=flags.dry_run))
+    repo_id = flags.repo_id or ((read_optional_json(Path(flags.output_dir) / RUN_CONFIG_FILE) or {})
+                                .get('training') or {}).get('hub_model_id')
+    if not repo_id:
+        raise UserError('--repo_id user/name is required: the run has no --hub_model_id to default to')
+    print(push_output_dir(flags.output_dir, repo_id, private=flags.private, dry_run_dir=flags.dry_run,
+                          space_id=flags.space))
 
 
 COMMANDS = {
     'extract': cmd_extract, 'heatmaps': cmd_heatmaps, 'image': cmd_image, 'report': cmd_report,
     'background': cmd_background, 'importance': cmd_importance, 'faithfulness': cmd_faithfulness,
-    'compress': cmd_compress, 'study': cmd_study, 'seeds': cmd_seeds, 'push': cmd_push,
+    'sinks': cmd_sinks, 'app': cmd_app, 'compress': cmd_compress, 'study': cmd_study, 'seeds': cmd_seeds, 'push': cmd_push,
 }
 
 

@@ -121,7 +121,7 @@ def fake_hub(monkeypatch):
         # What the real client would send: the files that match allow_patterns.
         from huggingface_hub.utils import filter_repo_objects
         everything = [p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file()]
-        calls['uploaded'] = set(filter_repo_objects(everything, allow_patterns=kwargs['allow_patterns']))
+        calls['uploaded'] = set(filter_repo_objects(everything, allow_patterns=kwargs.get('allow_patterns')))
         return None
 
     monkeypatch.setattr(HfApi, 'whoami', whoami)

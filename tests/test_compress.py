@@ -52,8 +52,12 @@ def test_student_is_the_teacher_with_the_other_blocks_skipped(teacher):
         build_student(teacher, [0, 4])
 
 
-def test_compressed_checkpoint_gives_the_same_logits_through_the_four_loaders(teacher, tmp_path):
-    """timm local-dir:, AutoModelForImageClassification, pipeline and our class (with attentions) agree."""
+@pytest.mark.parametrize('registers', [0, 4])
+def test_compressed_checkpoint_gives_the_same_logits_through_the_four_loaders(teacher, tmp_path, registers):
+    """timm local-dir:, AutoModelForImageClassification, pipeline and our class (with attentions) agree, with and
+    without register tokens."""
+    if registers:
+        teacher = tiny_vit(CLASSES, depth=4, reg_tokens=registers)
     student = build_student(teacher, [1, 3]).eval()
     student.save_pretrained(tmp_path)
     assert json.loads((tmp_path / 'config.json').read_text())['model_args']['depth'] == 2
@@ -66,7 +70,9 @@ def test_compressed_checkpoint_gives_the_same_logits_through_the_four_loaders(te
         out = TimmViTForImageClassification.from_pretrained(tmp_path).eval()(x, output_attentions=True)
     for logits in (by_timm(x), by_auto, out.logits):
         assert torch.allclose(logits, ref, atol=1e-5)
-    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 3, 17, 17)
+    tokens = 1 + registers + 16
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 3, tokens, tokens)
+    assert student.token_layout.num_prefix_tokens == 1 + registers
 
     image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
     scores = {r['label']: r['score'] for r in pipeline('image-classification', model=str(tmp_path))(image, top_k=3)}

@@ -36,6 +36,7 @@ CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
 OPT_OUT = 'FLOWER_VIT_LENS_SKIP_BROWSER_TESTS'  # =1: skip where no browser can be installed
 EVIL_CLASS = '<img src=x onerror=alert(1)>'
 OUTLINE_RGB = [0, 229, 255]  # explorer.js outlines the clicked patch in #00e5ff
+FLAGGED_RGB = [255, 43, 214]  # and the high-norm tokens of the layer, dashed, in #ff2bd6
 
 
 def _missing_browser() -> str:
@@ -75,6 +76,20 @@ def plant_peaked_maps(tensors, layout: TokenLayout) -> None:
             attention_rollout(list(full[k][None].unbind(1)), layout=layout))[0].to(tensors['rollout'].dtype)
 
 
+def flagged_patch(k: int, layer: int, num_patches: int) -> int:
+    """The one high-norm patch token planted in image k at layer (`plant_high_norm_tokens`)."""
+    return (2 * k + 7 * layer + 1) % num_patches
+
+
+def plant_high_norm_tokens(tensors, layout: TokenLayout) -> None:
+    """Every token of the explorer's images has norm 1, except `flagged_patch`, with norm 50 (the only outlier)."""
+    for k, index in enumerate(tensors['full_indices'].tolist()):
+        norms = torch.ones_like(tensors['token_norms'][index])  # [L, N]
+        for layer in range(norms.shape[0]):
+            norms[layer, layout.num_prefix_tokens + flagged_patch(k, layer, layout.num_patches)] = 50.0
+        tensors['token_norms'][index] = norms
+
+
 @pytest.fixture(scope='module')
 def page(tiny_run, tmp_path_factory):
     """The tiny run's report with 8 full-map images, and its summary and packed explorer data."""
@@ -89,6 +104,7 @@ def page(tiny_run, tmp_path_factory):
     indices = tensors['full_indices'].tolist()
     meta['class_names'][int(tensors['labels'][indices[0]])] = EVIL_CLASS  # the first image shows it
     plant_peaked_maps(tensors, TokenLayout.from_dict(meta['layout']))
+    plant_high_norm_tokens(tensors, TokenLayout.from_dict(meta['layout']))
     save_summary(path, tensors, meta)
     report = write_report(out, render_figures(out))
     packed = explorer.explorer_data(path)
@@ -304,6 +320,25 @@ def test_clicking_a_patch_shows_its_row_outlined_and_a_second_click_goes_back_to
     _check_numbers(browser, page, 0, 1, 'mean', 1 + patch)
     _click_patch(browser, page['meta'], patch)
     assert _readout(browser)['query'] == 'cls'
+    assert _console_errors(browser) == []
+
+
+@pytest.mark.parametrize('k, layer', [(0, 0), (2, 1)])
+def test_the_high_norm_tokens_of_the_shown_layer_are_outlined_and_listed(browser, page, k, layer):
+    _open(browser, page['report'])
+    _show(browser, page['meta'], k, layer, 'mean', None)
+    layout, cell_h, cell_w = _geometry(browser, page['meta'])
+    flagged = flagged_patch(k, layer, layout.num_patches)
+    shown = _readout(browser)['flagged']
+    assert shown[0] == '1'
+    row, col = divmod(flagged, layout.grid_size[1])
+    assert shown[1].startswith(f'row {row + 1}, column {col + 1}; share ')
+    assert _pixel(browser, col * cell_w + 2, row * cell_h + 1)[:3] == FLAGGED_RGB  # the dashed outline's first dash
+    other = flagged_patch(k, 1 - layer, layout.num_patches)  # flagged at the other layer only
+    row, col = divmod(other, layout.grid_size[1])
+    assert _pixel(browser, col * cell_w + 2, row * cell_h + 1)[:3] != FLAGGED_RGB
+    _choose(browser, 'explorer-layer', 'rollout')
+    assert 'flagged' not in _readout(browser)
     assert _console_errors(browser) == []
 
 

@@ -218,3 +218,25 @@ def test_dataset_push_needs_repo_id_or_dry_run(tmp_path):
     from data_scripts.push import main
     with pytest.raises(ValueError, match='--repo_id is required'):
         main(_tiny_synthetic_flags(tmp_path))
+
+
+def test_push_with_a_space_uploads_the_model_then_the_space(run_dir, fake_hub, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    urls = push_output_dir(run_dir, 'alice/flower-vit', token=TOKEN, space_id='alice/flower-vit-lens')
+    assert urls.splitlines() == ['https://huggingface.co/alice/flower-vit', 'https://huggingface.co/alice/flower-vit-lens']
+    assert fake_hub['create_repo'] == {'repo_id': 'alice/flower-vit-lens', 'private': False, 'exist_ok': True,
+                                       'repo_type': 'space', 'space_sdk': 'gradio'}
+    upload = fake_hub['upload_folder']
+    assert upload['repo_id'] == 'alice/flower-vit-lens' and upload['repo_type'] == 'space'
+    assert {'app.py', 'requirements.txt', 'README.md', 'analysis/app.py', 'analysis/configs/synthetic_demo.json',
+            'analysis/render/templates/model_card.md', 'data_scripts/hygiene.py'} <= fake_hub['uploaded']
+    assert not any('__pycache__' in name for name in fake_hub['uploaded'])
+    assert '(https://huggingface.co/spaces/alice/flower-vit-lens)' in ModelCard.load(run_dir / 'README.md').text
+    captured = capsys.readouterr()
+    assert TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_a_space_named_like_the_model_is_refused(run_dir, fake_hub):
+    with pytest.raises(ValueError, match='is the model repo itself'):
+        push_output_dir(run_dir, 'alice/flower-vit', token=TOKEN, space_id='alice/flower-vit')
+    assert 'create_repo' not in fake_hub

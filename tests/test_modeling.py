@@ -100,7 +100,10 @@ def test_unknown_name_is_a_clear_error():
         TimmViTForImageClassification.from_pretrained('no_such_model_xyz', pretrained=False)
 
 
-def test_four_loaders_agree(tiny_model, tmp_path):
+@pytest.mark.parametrize('registers', [0, 4])
+def test_four_loaders_agree(tiny_model, tmp_path, registers):
+    if registers:
+        tiny_model = tiny_vit(CLASSES, reg_tokens=registers)
     tiny_model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'model.safetensors']
     x = torch.randn(3, 3, 32, 32)

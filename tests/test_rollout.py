@@ -120,3 +120,13 @@ def test_bad_inputs_raise(bad, message):
     kwargs.update(bad)
     with pytest.raises(ValueError, match=message):
         attention_rollout(**kwargs)
+
+
+@pytest.mark.parametrize('head_fusion, discard_ratio, prefix', [('mean', 0.0, 1), ('max', 0.5, 1), ('mean', 0.3, 5)])
+def test_rollout_cls_is_the_cls_row_of_the_whole_rollout(head_fusion, discard_ratio, prefix):
+    """rollout_cls carries a row vector from the last layer down; the whole product's CLS row must be the same."""
+    layout = TokenLayout(prefix, (3, 4), (8, 8))
+    attentions = random_attentions(tokens=layout.num_tokens)
+    whole = attention_rollout(attentions, head_fusion, discard_ratio, layout=layout)
+    torch.testing.assert_close(rollout_cls(attentions, head_fusion, discard_ratio, layout=layout),
+                               layout.cls_to_patches(whole), rtol=1e-5, atol=1e-6)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from analysis.studies import stability
-from analysis.studies.stability import aggregate, direction, ratio_of_means_se, verdict
+from analysis.core.stats import ratio_of_means_se
+from analysis.studies.stability import aggregate, direction, verdict
 
 
 def test_direction_needs_two_standard_errors_on_one_side():
@@ -132,3 +133,38 @@ def test_seeds_command_needs_two_runs_and_integer_seeds(tmp_path):
         run_seeds([], tmp_path, seeds=[1])
     assert run_dir(tmp_path, 3, None) == tmp_path / 'seed_3'
     assert run_dir(tmp_path, 3, 1) == tmp_path / 'base_seed_1' / 'seed_3'
+
+
+def _sinks(share, se, flagged, causal=None):
+    """A run's ``sinks`` entry (as run_findings writes it) from per layer sink shares, their SEs and flagged shares."""
+    from analysis.maps.sinks import sink_margin
+    margins = [sink_margin({'sink_share': {'mean': m, 'se': s}, 'flagged_share': {'mean': f}})
+               for m, s, f in zip(share, se, flagged)]
+    entry = {'sink_share': share, 'flagged_share': flagged,
+             'sink_margin': {'mean': [m for m, _ in margins], 'se': [s for _, s in margins]}}
+    if causal is not None:
+        entry['causal'] = {'layer': 1, 'mean': causal[0], 'se': causal[1]}
+    return entry
+
+
+def test_attention_sinks_findings_across_runs():
+    """Layer 1: no sinks in every run (share far under the 10 % floor); layer 2: sinks in 4 runs of 5, the fifth within
+    its noise; the causal drop is beyond 2 SE in 3 runs."""
+    runs = []
+    for seed in range(5):
+        entry = run(seed, [1.5, 1.3], [0.1, 0.1], [0.05, -0.03], [0.01, 0.01])
+        second = 0.6 if seed < 4 else 0.12  # 0.12 - 0.1 = 0.02 < 2 x 0.02: within the noise
+        entry['sinks'] = _sinks([0.01, second], [0.002, 0.02], [0.01, 0.02],
+                                causal=(-1.0, 0.1) if seed < 3 else (-0.1, 0.1))
+        runs.append(entry)
+    seeds = aggregate(runs)
+    findings = {(f['kind'], f.get('layer')): f for f in seeds['findings']}
+    assert findings[('attention_sinks', 0)]['label'] == 'varies between runs (0 of 5, 5 opposite)'
+    assert findings[('attention_sinks', 1)]['label'] == 'stable'  # 4 of 5 is 80 %
+    assert findings[('sinks_needed', None)]['label'] == 'varies between runs (3 of 5)'
+    assert seeds['sinks']['sink_share'][1]['mean'] == pytest.approx((4 * 0.6 + 0.12) / 5)
+    from analysis.render.stability import stability_markdown, stability_sentences
+    sentence = next(s for s in stability_sentences(seeds) if s.startswith('Attention sinks'))
+    assert 'in a stable way: layer 2;' in sentence and 'stably absent (the opposite shown by the same rule): layer 1;' \
+        in sentence
+    assert '| 2 | 0.504 ± 0.215 | stable |' in stability_markdown(seeds)

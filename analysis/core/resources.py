@@ -4,9 +4,9 @@ They are read with `importlib.resources`, so they are found in a wheel install a
 tree. ``analysis/render/templates/model_card.md`` and ``analysis/configs`` link to the top-level
 ``model_card.md`` and ``configs/``, where people look for them.
 """
-from importlib import resources
+from importlib import metadata, resources
 from importlib.resources.abc import Traversable
-from typing import List
+from typing import Dict, List, Optional
 
 import jinja2
 
@@ -43,3 +43,21 @@ def config_file(name: str) -> Traversable:
 def config_names() -> List[str]:
     """Names of the packaged configs."""
     return sorted(p.name for p in resources.files(PACKAGE).joinpath('configs').iterdir() if p.name.endswith('.json'))
+
+
+# The distributions the package and its app run on (setup.cfg's install_requires without tensorboard, which only
+# training logs use, plus the app's Gradio): their versions go into run_config.json, and a Space pins them.
+RUNTIME_PACKAGES = ('torch', 'torchvision', 'timm', 'transformers', 'datasets', 'accelerate', 'huggingface_hub',
+                    'safetensors', 'scikit-learn', 'scipy', 'matplotlib', 'pillow', 'numpy', 'tqdm', 'jinja2',
+                    'filelock', 'gradio')
+
+
+def runtime_versions() -> Dict[str, Optional[str]]:
+    """``{distribution: installed version}`` of `RUNTIME_PACKAGES` (None where one is not installed)."""
+    found = {}
+    for name in RUNTIME_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

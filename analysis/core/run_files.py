@@ -14,6 +14,7 @@ One place knows the layout that `train_hf.py` writes and the report, the card an
     background.json, importance.json    the optional studies
     compress.json                       what `python -m analysis compress` kept and measured (compressed runs)
     faithfulness.json                   deletion / insertion scores of every attention map
+    sinks.json                          high-norm tokens, attention sinks and registers, layer by layer
     figures/*.png, report.html          the pictures and the report
     README.md                           the model card
 """
@@ -38,6 +39,7 @@ BACKGROUND_FILE = 'background.json'
 IMPORTANCE_FILE = 'importance.json'
 COMPRESS_FILE = 'compress.json'
 FAITHFULNESS_FILE = 'faithfulness.json'
+SINKS_FILE = 'sinks.json'
 FIGURES_DIR = 'figures'
 REPORT_FILE = 'report.html'
 CARD_FILE = 'README.md'

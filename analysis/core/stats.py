@@ -26,3 +26,22 @@ def mean_sd_se_from_sums(sums: torch.Tensor, squares: torch.Tensor, n: int) -> T
     var = (squares / n - mean ** 2).clamp_min(0) * n / max(n - 1, 1)
     sd = var.sqrt()
     return mean.tolist(), sd.tolist(), (sd / math.sqrt(n)).tolist()
+
+
+def ratio_of_means_se(numerators: torch.Tensor, denominators: torch.Tensor) -> tuple:
+    """``mean(x) / mean(a)`` and its standard error over the ``n`` rows (delta method).
+
+    Args:
+        numerators: ``[n, ...]``; denominators: ``[n]`` (one per row) or the shape of ``numerators``.
+
+    Returns:
+        ``(ratio [...], se [...])``: ``se = sd(x - ratio * a) / (sqrt(n) * mean(a))``.
+    """
+    n = numerators.shape[0]
+    a = denominators.double()
+    if a.dim() == 1:
+        a = a.reshape(n, *([1] * (numerators.dim() - 1)))
+    x = numerators.double()
+    ratio = x.mean(0) / a.mean(0)
+    residual = x - ratio * a
+    return ratio, residual.std(0, unbiased=True) / (n ** 0.5 * a.mean(0))

@@ -1,7 +1,8 @@
 """Streams a dataset split through the model and keeps a compact attention summary per image.
 
 Per image: label, prediction, the CLS-to-patch attention of every layer and head (``[L, H, P]``,
-float16), the CLS row of the attention rollout (``[P]``) and, with masks, the fraction of each
+float16), the CLS row on the prefix tokens (``[L, H, prefix]``), the norm of every token at every
+block's output (``[L, N]``, for `analysis.maps.sinks`), the CLS row of the attention rollout (``[P]``) and, with masks, the fraction of each
 patch covered by the flower (``[P]``). Full ``N x N`` maps, with the input crops, only for
 ``full_maps`` images: half correct and half wrong predictions where the split has both
 (`FullMapSlots`). The per-batch maps are reduced (`AttentionMetricsAccumulator`) and dropped, so memory
@@ -33,6 +34,7 @@ from analysis.core.run_files import METRICS_FILE, SUMMARY_FILE
 from analysis.maps.attention_metrics import AttentionMetricsAccumulator
 from analysis.maps.rollout import rollout_cls
 from analysis.maps.summary import SUMMARY_FORMAT, SUMMARY_VERSION, SummaryReader, SummaryWriter
+from analysis.modeling.timm_internals import capture_token_norms
 from analysis.modeling.tokens import TokenLayout
 from analysis.modeling.transforms import batch_transform, collate, eval_geometry, eval_transform, model_data_config
 from analysis.modeling.vit import TimmViTForImageClassification
@@ -267,7 +269,8 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
     layout = model.token_layout
     pixel_values, labels = batch['pixel_values'], batch['labels']  # [B, 3, H_px, W_px], [B]
     check_input_size(pixel_values, layout)
-    out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
+    with capture_token_norms(model.timm_model) as norms:
+        out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
     attentions = out.attentions  # L x [B, H, N, N], reduced where the model runs
     cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1).float()  # [B, L, H, P]
     roll = rollout_cls(attentions, layout=layout)  # [B, P]
@@ -283,6 +286,8 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
         part.append('logits', logits)
         part.append('cls_attention', cls_rows.half().cpu())
         part.append('rollout', roll.half().cpu())
+        part.append('token_norms', torch.stack(norms, dim=1).cpu())  # [B, L, N] float32
+        part.append('prefix_attention', torch.stack([layout.cls_to_prefix(a) for a in attentions], dim=1).half().cpu())
         if has_masks:
             part.append('fg_fraction', fg.half().cpu())
     correct = pred == labels if scored else torch.ones(len(pred), dtype=torch.bool)
@@ -316,7 +321,8 @@ def extract_shard(
     The split's batches are cut into ``world_size`` contiguous shares (`shard_batches`), the same
     batches whatever ``world_size``; this process takes share ``rank``. Every batch's rows go to the
     part file as they come (`SummaryWriter`): labels, predictions and, with ``keep_rows``, logits,
-    cls_attention, rollout, fg_fraction; its metric sums (``metrics.*``,
+    cls_attention, rollout, token_norms (``[L, N]``: every token's norm at every block's output),
+    prefix_attention (``[L, H, prefix]``: the CLS row on the CLS and register tokens), fg_fraction; its metric sums (``metrics.*``,
     `AttentionMetricsAccumulator.batch_sums`); and the candidates of the example and full-map
     selections (``example_*``, ``full_*``). `merge_shards` turns the parts into the summary.
 
@@ -580,7 +586,8 @@ def attend_images(model: TimmViTForImageClassification, images, data_config: Opt
     Returns:
         ``images`` ``[E, H, W, 3]`` uint8 (the crops the model saw), ``cls_maps`` ``[E, L, P]``
         (head-averaged CLS attention), ``cls_attention`` ``[E, L, H, P]``, ``rollout`` ``[E, P]``,
-        ``probs`` ``[E, C]``.
+        ``probs`` ``[E, C]``, ``token_norms`` ``[E, L, N]`` (every token at every block's output),
+        ``prefix_attention`` ``[E, L, H, prefix]`` (the CLS row on the prefix tokens).
     """
     from data_scripts import to_rgb
     model.eval()
@@ -589,11 +596,14 @@ def attend_images(model: TimmViTForImageClassification, images, data_config: Opt
     transform = eval_transform(data_config)
     pixel_values = torch.stack([transform(to_rgb(img)) for img in images])
     check_input_size(pixel_values, layout)
-    out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
+    with capture_token_norms(model.timm_model) as norms:
+        out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
     attentions = tuple(a.float().cpu() for a in out.attentions)
     cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1)  # [E, L, H, P]
     return {
         'images': _unnormalise(pixel_values, data_config), 'cls_attention': cls_rows,
         'cls_maps': cls_rows.mean(dim=2), 'rollout': rollout_cls(attentions, layout=layout),
         'probs': out.logits.float().softmax(-1).cpu(),
+        'token_norms': torch.stack(norms, dim=1).cpu(),  # [E, L, N]
+        'prefix_attention': torch.stack([layout.cls_to_prefix(a) for a in attentions], dim=1),  # [E, L, H, prefix]
     }

@@ -80,6 +80,25 @@ def _check_attentions(attentions: Sequence[torch.Tensor], layout: Optional[Token
             'build the layout from the same model (TokenLayout.from_timm)')
 
 
+def _check_options(attentions: Sequence[torch.Tensor], head_fusion: str, discard_ratio: float,
+                   layout: Optional[TokenLayout]) -> None:
+    _check_attentions(attentions, layout)
+    if head_fusion not in HEAD_FUSIONS:
+        raise UserError(f'head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}')
+    if not 0.0 <= discard_ratio < 1.0:
+        raise UserError(f'discard_ratio must be in [0, 1), got {discard_ratio}')
+
+
+def _layer_factor(attn: torch.Tensor, head_fusion: str, discard_ratio: float, layout: Optional[TokenLayout]
+                  ) -> torch.Tensor:
+    """One layer's factor of the rollout, ``A' = norm(0.5 fuse(A) + 0.5 I)``: ``[B, H, N, N]`` -> ``[B, N, N]`` float32."""
+    fused = fuse_heads(attn.float(), head_fusion)  # [B, N, N]
+    if discard_ratio > 0:
+        fused = discard_weakest(fused, discard_ratio, layout.num_prefix_tokens if layout is not None else 1)
+    fused = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], device=fused.device)  # residual connection
+    return fused / fused.sum(dim=-1, keepdim=True)  # rows sum to 1 again
+
+
 def attention_rollout(
         attentions: Sequence[torch.Tensor],
         head_fusion: str = 'mean',
@@ -100,23 +119,11 @@ def attention_rollout(
     Returns:
         ``[B, N, N]`` float32, ``R = A'_L @ ... @ A'_1``; every row sums to 1.
     """
-    _check_attentions(attentions, layout)
-    if head_fusion not in HEAD_FUSIONS:
-        raise UserError(f'head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}')
-    if not 0.0 <= discard_ratio < 1.0:
-        raise UserError(f'discard_ratio must be in [0, 1), got {discard_ratio}')
-    num_prefix_tokens = layout.num_prefix_tokens if layout is not None else 1
-
+    _check_options(attentions, head_fusion, discard_ratio, layout)
     batch_size, _, num_tokens, _ = attentions[0].shape
-    eye = torch.eye(num_tokens, dtype=torch.float32, device=attentions[0].device)  # [N, N]
-    rollout = eye.expand(batch_size, num_tokens, num_tokens)  # [B, N, N]
+    rollout = torch.eye(num_tokens, device=attentions[0].device).expand(batch_size, num_tokens, num_tokens)  # [B, N, N]
     for attn in attentions:
-        fused = fuse_heads(attn.float(), head_fusion)  # [B, N, N]
-        if discard_ratio > 0:
-            fused = discard_weakest(fused, discard_ratio, num_prefix_tokens)
-        fused = 0.5 * fused + 0.5 * eye  # residual connection
-        fused = fused / fused.sum(dim=-1, keepdim=True)  # rows sum to 1 again
-        rollout = fused @ rollout  # later layers multiply from the left
+        rollout = _layer_factor(attn, head_fusion, discard_ratio, layout) @ rollout  # later layers from the left
     return rollout
 
 
@@ -139,5 +146,11 @@ def rollout_cls(
         ``[B, P]`` float32: how much each patch flows into the CLS token (sums to at most 1; the
         rest of the mass sits on the prefix tokens).
     """
-    rollout = attention_rollout(attentions, head_fusion, discard_ratio, layout)  # [B, N, N]
-    return layout.cls_to_patches(rollout)  # [B, P]
+    _check_options(attentions, head_fusion, discard_ratio, layout)
+    # The CLS row of A'_L @ ... @ A'_1 is e_0 @ A'_L @ ... @ A'_1: a row vector through the layers from the last,
+    # N^2 per layer instead of the N^3 of the whole product.
+    batch_size, _, num_tokens, _ = attentions[0].shape
+    row = torch.eye(num_tokens, device=attentions[0].device)[:1].expand(batch_size, 1, num_tokens)  # [B, 1, N]: e_0
+    for attn in reversed(attentions):
+        row = row @ _layer_factor(attn, head_fusion, discard_ratio, layout)  # [B, 1, N]
+    return row[:, 0, layout.num_prefix_tokens:]  # [B, P]

@@ -1,5 +1,5 @@
 """The model core: a timm ViT as a transformers model (`vit`), where its tokens are (`tokens`), timm's
-transforms (`transforms`) and every hook into timm's internals (`hooks`).
+transforms (`transforms`) and every reach into timm's internals (`timm_internals`).
 
 ``from analysis.modeling import TimmViTForImageClassification`` is the public way in (README).
 """

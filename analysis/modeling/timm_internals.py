@@ -2,8 +2,8 @@
 
 timm offers no public switch for these, so this module is the one that touches
 ``blocks[i].attn.fused_attn`` (the eager path that materialises the attention weights), hooks
-``attn.attn_drop`` (capture) and ``attn.proj`` (head ablation), and swaps ``blocks[i]`` for the
-identity (layer skipping). Each is a context manager that restores the model on exit, whatever
+``attn.attn_drop`` (capture), ``attn.proj`` (head ablation) and the output of ``blocks[i]`` (token
+norms, token substitution), and swaps ``blocks[i]`` for the identity (layer skipping). Each is a context manager that restores the model on exit, whatever
 happened inside. ``timm_config`` calls timm's private ``_hub.save_config_for_hf``: its public
 ``save_for_hf`` writes the config only together with the weights, which the model's own
 ``save_pretrained`` writes (from the state dict the Trainer passes).
@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.layers import Attention
@@ -98,6 +98,45 @@ def capture_attentions(vit: torch.nn.Module) -> Iterator[List[torch.Tensor]]:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def capture_token_norms(vit: nn.Module) -> Iterator[List[torch.Tensor]]:
+    """Records the L2 norm of every token at the output of every block while the context is open.
+
+    The output of block ``i`` is the residual stream after it (what block ``i + 1`` reads), the tokens
+    whose norms Darcet et al. 2024 ("Vision Transformers Need Registers") plot. A forward hook per block
+    keeps only the norms, so memory holds ``[B, N]`` per block, not the ``[B, N, D]`` tokens.
+
+    Yields:
+        a list that fills with one ``[B, N]`` float32 tensor per block call, in call order.
+    """
+    norms: List[torch.Tensor] = []
+
+    def record(module, args, output):
+        norms.append(output.detach().float().norm(dim=-1))  # [B, N]
+
+    handles = [block.register_forward_hook(record) for block in vit_of(vit).blocks]
+    try:
+        yield norms
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_block_output(model: nn.Module, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replaces the output of ``blocks[layer]`` (the tokens ``[B, N, D]``) by ``edit(tokens)`` while open.
+
+    The blocks after ``layer`` (and the head) read the edited tokens; the hook is removed on exit.
+    """
+    vit = vit_of(model)
+    check_layers(vit, [layer])
+    handle = vit.blocks[int(layer)].register_forward_hook(lambda module, args, output: edit(output))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def check_layers(vit: nn.Module, layers: Sequence[int]) -> None:

@@ -76,6 +76,11 @@ class TokenLayout:
         assert attn.shape[-1] == self.num_tokens, f'expected {self.num_tokens} tokens, got {attn.shape[-1]}'
         return attn[..., 0, self.num_prefix_tokens:]
 
+    def cls_to_prefix(self, attn: torch.Tensor) -> torch.Tensor:
+        """The CLS row on the prefix tokens, ``attn[..., 0, :prefix]``: CLS itself, then registers / dist token."""
+        assert attn.shape[-1] == self.num_tokens, f'expected {self.num_tokens} tokens, got {attn.shape[-1]}'
+        return attn[..., 0, :self.num_prefix_tokens]
+
     def patches_to_patches(self, attn: torch.Tensor) -> torch.Tensor:
         """Patch-to-patch block ``attn[..., prefix:, prefix:]``, ``[..., P, P]``."""
         assert attn.shape[-1] == self.num_tokens, f'expected {self.num_tokens} tokens, got {attn.shape[-1]}'

@@ -11,6 +11,7 @@ The token is never logged, printed or written anywhere.
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -30,10 +31,13 @@ from analysis.core.run_files import (
     REPORT_FILE,
     RESULTS_FILE,
     RUN_CONFIG_FILE,
+    SINKS_FILE,
     START_METRICS_FILE,
     SUMMARY_FILE,
     WEIGHTS_FILE,
+    read_json,
 )
+from analysis.publish.space import push_space, write_space
 from analysis.render.card import render_model_card
 from data_scripts.errors import MissingFileError, UserError
 from data_scripts.hub import HubError, check_hub_access, resolve_token, validate_hub_repo_id
@@ -47,7 +51,8 @@ logger = logging.getLogger(__name__)
 # attention plots without the data.
 UPLOAD_FILES = [
     CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RESULTS_FILE, RUN_CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, SUMMARY_FILE,
-    START_METRICS_FILE, CHANGE_FILE, BACKGROUND_FILE, IMPORTANCE_FILE, FAITHFULNESS_FILE, COMPRESS_FILE, REPORT_FILE,
+    START_METRICS_FILE, CHANGE_FILE, BACKGROUND_FILE, IMPORTANCE_FILE, FAITHFULNESS_FILE, SINKS_FILE, COMPRESS_FILE,
+    REPORT_FILE,
 ]
 UPLOAD_GLOBS = [f'{FIGURES_DIR}/*.png']
 UPLOAD_PATTERNS = UPLOAD_FILES + UPLOAD_GLOBS
@@ -89,8 +94,9 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
                     token: Optional[str] = None, dry_run_dir: Optional[Union[str, Path]] = None,
                     license: str = 'apache-2.0',
                     commit_message: str = 'Upload fine-tuned ViT, model card and attention analysis',
-                    ) -> Union[str, Path]:
-    """Publishes a training run: re-renders the model card, then uploads the files of ``files_to_upload``.
+                    space_id: Optional[str] = None) -> Union[str, Path]:
+    """Publishes a training run: re-renders the model card, then uploads the files of ``files_to_upload``; with
+    ``space_id``, also a Space that runs the app on the model (`analysis.publish.space`), linked from the card.
 
     Args:
         output_dir: the run's output directory (config.json, model.safetensors, all_results.json,
@@ -103,9 +109,11 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
             folder (which must not exist or be empty).
         license: the license identifier for the model card.
         commit_message: the commit message on the Hub.
+        space_id: the Space, "user/name", created (as a Gradio Space) if missing. With ``dry_run_dir``, the model's
+            files go to ``dry_run_dir/model`` and the Space's to ``dry_run_dir/space``.
 
     Returns:
-        The repository URL, or the dry-run folder.
+        The repository URL (and the Space's, on the next line), or the dry-run folder.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -115,6 +123,10 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
         raise MissingFileError(f'{output_dir} lacks {", ".join(missing)}: train first (train_hf.py '
                                 '--output_dir DIR) or pass the output directory of a finished run.')
     validate_hub_repo_id(repo_id)
+    if space_id is not None:
+        validate_hub_repo_id(space_id)
+        if space_id == repo_id:
+            raise UserError(f'--space {space_id} is the model repo itself: name the Space differently, e.g. {repo_id}-lens')
     if dry_run_dir is None:
         token = resolve_token(token)
         check_hub_access(repo_id, token)
@@ -125,16 +137,20 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
         # Only used to make sure no file leaks a stored token; a dry run needs none.
         token = token or get_token()
 
-    render_model_card(output_dir, repo_id=repo_id, license=license)
+    render_model_card(output_dir, repo_id=repo_id, license=license, space_id=space_id)
     files = files_to_upload(output_dir)
     _check_no_token_in_files(output_dir, files, token)
+    environment = read_json(output_dir / RUN_CONFIG_FILE).get('environment')
 
     if dry_run_dir is not None:
+        model_dir = dry_run_dir / 'model' if space_id else dry_run_dir
         for name in files:
-            target = dry_run_dir / name
+            target = model_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(output_dir / name, target)
-        logger.info('Dry run: %d files for %s copied to %s: %s', len(files), repo_id, dry_run_dir, ', '.join(files))
+        logger.info('Dry run: %d files for %s copied to %s: %s', len(files), repo_id, model_dir, ', '.join(files))
+        if space_id:
+            write_space(dry_run_dir / 'space', repo_id, space_id, environment)
         return dry_run_dir
 
     api = HfApi(token=token)
@@ -143,4 +159,9 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
                       allow_patterns=[_as_exact_pattern(name) for name in files],
                       commit_message=commit_message)
     logger.info('Uploaded %d files to %s: %s', len(files), repo_url, ', '.join(files))
-    return str(repo_url)
+    if space_id is None:
+        return str(repo_url)
+    with tempfile.TemporaryDirectory() as folder:
+        space = write_space(Path(folder) / 'space', repo_id, space_id, environment)
+        return f'{repo_url}\n{push_space(space_id, repo_id, space, token=token, private=private)}'
+

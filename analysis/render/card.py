@@ -34,6 +34,7 @@ from analysis.core.run_files import (
     METRICS_FILE,
     RESULTS_FILE,
     RUN_CONFIG_FILE,
+    SINKS_FILE,
     read_json,
     read_optional_json,
 )
@@ -55,6 +56,8 @@ from analysis.render.findings import (
     fmt,
     per_class_order,
     per_class_order_note,
+    sink_sentences,
+    sink_table,
 )
 from analysis.render.stability import one_run_sentences
 from data_scripts.errors import MissingFileError, UserError
@@ -81,6 +84,8 @@ CHANGE_FIGURES = [
 ]
 BACKGROUND_FIGURES = [('background.png', 'Accuracy on background-study variants')]
 COMPRESSION_FIGURES = [('compression.png', 'Accuracy against CPU speed-up of every depth tried, and F1 per class')]
+SINKS_FIGURES = [('sinks.png', 'Token norms per layer, the sink and register shares over depth, fg_lift without the '
+                                'flagged tokens')]
 FAITHFULNESS_FIGURES = [('faithfulness.png', 'Deletion and insertion curves of every attention map, and their AUCs')]
 
 
@@ -327,6 +332,21 @@ def _faithfulness_section(faithfulness: Optional[Dict[str, Any]], metrics: Optio
     return '\n\n'.join(parts + figures)
 
 
+def _sinks_section(sinks: Optional[Dict[str, Any]], figures: List[str]) -> str:
+    """High-norm tokens and attention sinks: the per-layer table and its sentences."""
+    if sinks is None:
+        return ('High-norm tokens and attention sinks were not measured (no `sinks.json`; run '
+                '`python -m analysis sinks` to add it).')
+    header, rows = sink_table(sinks)
+    parts = [f'Per image and layer, {md_escape(sinks["rule"]["statistic"])} (k = {sinks["rule"]["k"]:.2f}, the modified '
+             'z-score rule of Iglewicz & Hoaglin 1993). The sink share is the part of the CLS attention on the flagged '
+             'tokens, which Darcet et al. 2024 ("Vision Transformers Need Registers") found to be background patches '
+             f'reused as scratch space in large ViTs. Mean ± standard error over {int(sinks["num_images"])} images.',
+             '\n'.join(f'- {md_escape(sentence)}' for sentence in sink_sentences(sinks)),
+             _table([md_escape(h) for h in header], [[md_escape(cell) for cell in row] for row in rows])]
+    return '\n\n'.join(parts + figures)
+
+
 def _image_size(output_dir: Path) -> str:
     config = read_optional_json(output_dir / CONFIG_FILE)
     input_size = ((config or {}).get('pretrained_cfg') or {}).get('input_size')
@@ -528,6 +548,8 @@ def _study_sections(output_dir: Path, num_classes: int, metrics: Optional[Dict[s
                                        _figure_links(output_dir, CHANGE_FIGURES)),
         background_section=background_section,
         background_limitation=background_limitation,
+        sinks_section=_sinks_section(read_optional_json(output_dir / SINKS_FILE),
+                                     _figure_links(output_dir, SINKS_FIGURES)),
         faithfulness_section=_faithfulness_section(read_optional_json(output_dir / FAITHFULNESS_FILE), metrics,
                                                    _figure_links(output_dir, FAITHFULNESS_FIGURES)),
         compression_section=compression_section,
@@ -545,7 +567,7 @@ def _source_files(output_dir: Path) -> str:
 
 
 def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, license: str = 'apache-2.0',
-               template: Optional[str] = None) -> ModelCard:
+               template: Optional[str] = None, space_id: Optional[str] = None) -> ModelCard:
     """Builds the model card of a training run (without writing it).
 
     Args:
@@ -553,6 +575,7 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
         repo_id: the Hub repository the model goes to; None shows "<user>/<model>" in the examples.
         license: the license identifier for the card metadata.
         template: the Jinja template text (default: the packaged model_card.md).
+        space_id: the Hugging Face Space that runs the app on this model (linked from "How to use").
 
     Returns:
         The rendered ``huggingface_hub.ModelCard``.
@@ -583,24 +606,26 @@ def build_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None, l
                           (run_config.get('training') or {}).get('seed')),
         **_about_sections(output_dir, all_results, run_config, dataset_description),
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
+        space_id=space_id,
         source_files=_source_files(output_dir),
     )
 
 
 def render_model_card(output_dir: Union[str, Path], *, repo_id: Optional[str] = None,
-                      license: str = 'apache-2.0') -> Path:
+                      license: str = 'apache-2.0', space_id: Optional[str] = None) -> Path:
     """Renders the model card of a training run and writes it to ``output_dir/README.md``.
 
     Args:
         output_dir: the run's output directory (holds all_results.json and run_config.json).
         repo_id: the Hub repository the model goes to; None shows "<user>/<model>" in the examples.
         license: the license identifier for the card metadata.
+        space_id: the Space that runs the app on this model, linked from the card.
 
     Returns:
         The path of the written README.md.
     """
     output_dir = Path(output_dir)
-    card = build_card(output_dir, repo_id=repo_id, license=license)
+    card = build_card(output_dir, repo_id=repo_id, license=license, space_id=space_id)
     path = output_dir / CARD_FILE
     write_text(path, str(card))
     logger.info('Wrote the model card to %s', path)

@@ -58,6 +58,7 @@ from safetensors import safe_open
 from analysis.core.resources import template_text
 from analysis.maps.attention_metrics import attention_entropy, fg_ratio
 from analysis.maps.rollout import attention_rollout
+from analysis.maps.sinks import flag_high_norm
 from analysis.maps.summary import EXTRACT_COMMAND, read_summary_meta
 from analysis.modeling.tokens import TokenLayout
 from analysis.render.plots import OVERLAY_ALPHA, attention_colour_stops
@@ -158,7 +159,7 @@ def _read(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         if 'full_attention' not in tensors:
             return tensors
         indices = tensors.get('full_indices', torch.arange(len(tensors['full_attention']))).tolist()
-        for name in ('cls_attention', 'rollout', 'fg_fraction'):  # [M, ...]: only the rows of those images
+        for name in ('cls_attention', 'rollout', 'fg_fraction', 'token_norms'):  # [M, ...]: only those images' rows
             if name in keys:
                 rows = f.get_slice(name)
                 tensors[name] = torch.cat([rows[i:i + 1] for i in indices])
@@ -279,8 +280,13 @@ def explorer_data(summary_path: Union[str, Path], max_bytes: Optional[int] = Non
             _logger.warning('explorer: the %s rows alone take the page past its %d-character budget', name, max_bytes)
 
     grid, patch = layout.grid_size, layout.patch_size
+    if 'token_norms' in tensors:  # per image and layer, the high-norm patch tokens (analysis.maps.sinks)
+        flags = flag_high_norm(tensors['token_norms'][:, :, layout.num_prefix_tokens:])  # [K, L, P]
+        flagged = [[row.nonzero().flatten().tolist() for row in image] for image in flags]
+    else:
+        flagged = [None] * K
     images = [{'index': index, 'title': _title(index, label, prediction, meta), 'src': crop,
-               'fg': fg.tolist() if fg is not None else None,
+               'fg': fg.tolist() if fg is not None else None, 'flagged': flagged[k],
                **{name: tier['blobs'][k] for name, tier in tiers.items() if tier is not None}}
               for k, (index, label, prediction, crop, fg) in enumerate(zip(indices, labels, predictions, crops, fgs))]
     data = {'grid': list(grid), 'patch': list(patch), 'layers': L, 'heads': H,

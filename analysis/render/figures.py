@@ -17,6 +17,7 @@ from analysis.core.run_files import (
     FIGURES_DIR,
     IMPORTANCE_FILE,
     METRICS_FILE,
+    SINKS_FILE,
     START_SUMMARY_FILE,
     SUMMARY_FILE,
     read_optional_json,
@@ -188,7 +189,7 @@ def render_figures(
     ``confusion_matrix.png`` and ``f1_bars.png`` from ``all_results.json``; ``depth_curves.png``
     from ``attention_metrics.json``; ``layer_grid.png``, ``head_maps_layer{l}.png`` (the layer
     with the highest fg_lift, layer 1 without masks) and ``class_maps.png`` from the attention
-    summary; ``background.png`` / ``importance.png`` / ``faithfulness.png`` when those studies were run,
+    summary; ``background.png`` / ``importance.png`` / ``faithfulness.png`` / ``sinks.png`` when those studies were run,
     ``compression.png`` for a compressed model. Figures whose inputs are missing are skipped (and logged).
 
     Args:
@@ -200,7 +201,7 @@ def render_figures(
     Returns:
         ``{figure name: path}`` with names ``confusion_matrix``, ``f1_bars``, ``depth_curves``,
         ``layer_grid``, ``head_maps``, ``class_maps``, ``background``, ``importance``, ``faithfulness``,
-        ``compression``.
+        ``sinks``, ``compression``.
     """
     output_dir = Path(output_dir)
     figures_dir = Path(figures_dir) if figures_dir is not None else output_dir / FIGURES_DIR
@@ -243,5 +244,8 @@ def render_figures(
     faithfulness = read_optional_json(output_dir / FAITHFULNESS_FILE)
     if faithfulness is not None:
         save('faithfulness', plots.faithfulness_figure(faithfulness))
+    sinks = read_optional_json(output_dir / SINKS_FILE)
+    if sinks is not None:
+        save('sinks', plots.sinks_figure(sinks))
     _logger.info('wrote %d figures to %s', len(written), figures_dir)
     return written

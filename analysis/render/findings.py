@@ -10,7 +10,10 @@ import math
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from analysis.maps.attention_metrics import MASK_METRICS
+from analysis.maps.sinks import SINK_MIN_DRAW, SINK_MIN_SHARE
 from analysis.studies.faithfulness import method_label
+from analysis.studies.sinks import sink_layers
+from analysis.studies.stability import Z
 from data_scripts.synthetic_flowers import VARIANTS
 
 # |bg_gap| from which the predictions count as following the background. Xiao et al. 2021 ("Noise or
@@ -544,4 +547,70 @@ def compression_search_table(compress: Mapping) -> Tuple[List[str], List[List[st
              fmt(s['val_accuracy'], 'percent'), 'yes' if s['within_tolerance'] else 'no',
              'n/a' if s.get('speedup') is None else f'{float(s["speedup"]):.2f}x']
             for s in compress.get('search') or []]
+    return header, rows
+
+
+def sink_sentences(sinks: Mapping) -> List[str]:
+    """What ``sinks.json`` says, in words: are there high-norm tokens and sinks, where, and does the model need them."""
+    layers = sinks['layers']
+    flagged = [layer['flagged_share']['mean'] for layer in layers]
+    top = max(range(len(layers)), key=lambda i: layers[i]['sink_share']['mean'])
+    entry = layers[top]
+    found = sink_layers(sinks)
+    rule = (f'flagged tokens that draw more than {fmt(SINK_MIN_SHARE, "percent")} of the CLS attention and '
+            f'{SINK_MIN_DRAW:g}x their share of the tokens, beyond {Z:g} SE')
+    if found:
+        sentences = [f'Attention sinks at layers {_layers(found)} ({rule}): at layer {top + 1}, '
+                     f'{fmt(entry["flagged_share"]["mean"], "percent")} of the patch tokens are flagged (norm '
+                     f'{fmt(entry["norm_ratio"]["mean"], digits=1)}x the median) and draw '
+                     f'{_pm(entry["sink_share"], "percent")} of the CLS attention.']
+    else:
+        sentences = [f'No layer has attention sinks ({rule}). The flagged high-norm tokens are '
+                     f'{fmt(min(flagged), "percent")} to {fmt(max(flagged), "percent")} of the patch tokens per layer; '
+                     f'they draw at most {_pm(entry["sink_share"], "percent")} of the CLS attention (layer {top + 1}).']
+    where = found[-1] if found else top
+    if layers[where].get('flagged_on_background') is not None:
+        sentences.append(f'At layer {where + 1}, {fmt(layers[where]["flagged_on_background"], "percent")} of the '
+                         f'flagged tokens\' area lies on the background (background area '
+                         f'{fmt(layers[where]["background_area"], "percent")}).')
+    if 'fg_lift_without' in layers[0]:
+        shifts = [(i, layer['fg_lift_without']['mean'] - layer['fg_lift']['mean']) for i, layer in enumerate(layers)]
+        i, shift = max(shifts, key=lambda t: abs(t[1]))
+        sentences.append(f'Without the flagged tokens (the CLS attention renormalised over the others), fg_lift changes '
+                         f'most at layer {i + 1}: {_pm(layers[i]["fg_lift"])} -> {_pm(layers[i]["fg_lift_without"])}.')
+    if 'register_share' in layers[0]:
+        shares = [layer['register_share']['mean'] for layer in layers]
+        most = max(range(len(shares)), key=shares.__getitem__)
+        sentences.append(f'The CLS token puts {fmt(min(shares), "percent")} to {fmt(max(shares), "percent")} of its '
+                         f'attention on the {sinks.get("num_registers")} register tokens (most at layer {most + 1}).')
+    causal = sinks.get('causal') or {}
+    if causal.get('sinks'):
+        acc = causal['accuracy']
+        sentences.append(
+            f'Causal check at layer {causal["layer"] + 1} ({causal["images_with_flagged"]} images with flagged tokens): '
+            f'replacing them by the mean of the other patch tokens changes the predicted-class logit by '
+            f'{_pm(causal["sinks"])}, as many random background tokens by {_pm(causal["random"])} (difference '
+            f'{_pm(causal["difference"])}); accuracy {fmt(acc["intact"], "percent")} intact, '
+            f'{fmt(acc["sinks"], "percent")} and {fmt(acc["random"], "percent")} after.')
+    elif causal.get('omitted'):
+        sentences.append(f'No causal check: {causal["omitted"]}.')
+    return sentences
+
+
+def sink_table(sinks: Mapping) -> Tuple[List[str], List[List[str]]]:
+    """Per layer: flagged tokens, their norm, the sink (and register) share, where they lie, fg_lift with and without."""
+    layers = sinks['layers']
+    registers = 'register_share' in layers[0]
+    masks = 'fg_lift' in layers[0]
+    header = ['layer', 'flagged tokens', 'norm / median', 'sink share'] + (['register share'] if registers else []) \
+        + (['flagged on background', 'fg_lift', 'fg_lift without flagged'] if masks else [])
+    rows = []
+    for i, layer in enumerate(layers):
+        row = [str(i + 1), fmt(layer['flagged_share']['mean'], 'percent'), fmt(layer['norm_ratio']['mean'], digits=1),
+               _pm(layer['sink_share'], 'percent')]
+        if registers:
+            row.append(_pm(layer['register_share'], 'percent'))
+        if masks:
+            row += [fmt(layer['flagged_on_background'], 'percent'), _pm(layer['fg_lift']), _pm(layer['fg_lift_without'])]
+        rows.append(row)
     return header, rows

@@ -14,6 +14,9 @@ import logging
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
+import matplotlib
+import matplotlib.colors
+import matplotlib.ticker
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -157,6 +160,22 @@ def save_figure(fig: Figure, path: Union[str, Path], dpi: int = DEFAULT_DPI) -> 
         fig.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight')
     _logger.debug('wrote %s', path)
     return path
+
+
+def figure_pixels(fig: Figure, dpi: int = DEFAULT_DPI) -> np.ndarray:
+    """A figure rendered to ``[H, W, 3]`` uint8 RGB (for a web page that shows pictures, e.g. the app)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def upscaled(pixels: np.ndarray, size: int) -> np.ndarray:
+    """An RGB picture in ``[0, 1]`` (e.g. a `panel`) enlarged to about ``size`` pixels wide, each pixel a block (no blur),
+    as uint8."""
+    factor = max(1, size // pixels.shape[1])
+    return (np.kron(pixels, np.ones((factor, factor, 1))) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def layer_grid(
@@ -719,4 +738,71 @@ def compression_figure(compress: Mapping) -> Figure:
         ax.set_xlabel('F1 (test)')
         ax.set_title('F1 per class', fontsize=10)
         ax.legend(fontsize=7, loc='lower left')
+    return fig
+
+
+def sinks_figure(sinks: Mapping) -> Figure:
+    """High-norm tokens over depth: the norm histogram of every layer, and the shares of the CLS attention.
+
+    Args:
+        sinks: the parsed ``sinks.json`` (`analysis.studies.sinks.sinks_study`): ``layers`` (per layer
+            ``flagged_share``, ``sink_share``, optionally ``register_share``, ``fg_lift``, ``fg_lift_without``)
+            and ``histogram`` (``edges``, per layer ``counts``: patch norm / the image's median).
+
+    Returns:
+        The figure: left, one histogram row per layer (norm ratio and share of tokens, both on log
+        scales, the open-ended first and last bins drawn one bin wide); middle, over depth, the share of tokens flagged, the sink share and the register share;
+        right (with masks), fg_lift with and without the flagged tokens.
+    """
+    layers = sinks.get('layers') or []
+    if not layers:
+        raise UserError('sinks.json has no "layers"; nothing to draw. Re-run python -m analysis sinks.')
+    L = len(layers)
+    has_lift = 'fg_lift' in layers[0]
+    fig = Figure(figsize=(11.0, 3.2 + 0.12 * L), layout='constrained')
+    axes = fig.subplots(1, 3 if has_lift else 2, width_ratios=[1.3, 1, 1][:3 if has_lift else 2])
+    ax = axes[0]
+    edges = np.log10(_as_numpy(sinks['histogram']['edges']))
+    counts = _as_numpy(sinks['histogram']['counts'])  # [L, bins + 1]: under, bins, over
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # [L, bins + 1]
+    x_edges = np.concatenate([[edges[0] - (edges[1] - edges[0])], edges, [edges[-1] + (edges[1] - edges[0])]])
+    mesh = ax.pcolormesh(x_edges, np.arange(0.5, L + 1), np.where(share > 0, share, np.nan), cmap='viridis',
+                         norm=matplotlib.colors.LogNorm(vmin=1e-4, vmax=1))
+    fig.colorbar(mesh, ax=ax, location='top', label='share of the layer\'s patch tokens', shrink=0.8)
+    ax.set_yticks(np.arange(1, L + 1), [str(i) for i in range(1, L + 1)], fontsize=7)
+    ax.set_ylabel('layer')
+    ticks = [-1, 0, 1]
+    ax.set_xticks(ticks, [f'{10 ** t:g}x' for t in ticks])
+    ax.set_xlabel('token norm / the image\'s median patch norm')
+    ax.set_title('Token norms per layer', fontsize=10, loc='left')
+
+    depth = np.arange(1, L + 1)
+    ax = axes[1]
+    for key, label, style in (('flagged_share', 'tokens flagged (share)', dict(color='tab:gray', linestyle=':')),
+                              ('sink_share', 'CLS attention on them (sink share)', dict(color='tab:red')),
+                              ('register_share', 'CLS attention on registers', dict(color='tab:blue'))):
+        if key not in layers[0]:
+            continue
+        mean = np.array([layer[key]['mean'] for layer in layers], dtype=float)
+        se = np.array([layer[key]['se'] or 0.0 for layer in layers], dtype=float)
+        ax.plot(depth, mean, marker='o', markersize=3, label=label, **style)
+        ax.fill_between(depth, mean - 2 * se, mean + 2 * se, alpha=0.2, color=style['color'])
+    ax.set_xlabel('layer')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.set_title('Shares over depth (bands: 2 SE over images)', fontsize=10)
+    ax.legend(fontsize=7)
+    if has_lift:
+        ax = axes[2]
+        for key, label, colour in (('fg_lift', 'all patches', 'tab:green'),
+                                   ('fg_lift_without', 'without flagged tokens', 'tab:purple')):
+            mean = np.array([layer[key]['mean'] for layer in layers], dtype=float)
+            se = np.array([layer[key]['se'] or 0.0 for layer in layers], dtype=float)
+            ax.plot(depth, mean, marker='o', markersize=3, label=label, color=colour)
+            ax.fill_between(depth, mean - 2 * se, mean + 2 * se, alpha=0.2, color=colour)
+        ax.axhline(1.0, color='tab:red', linestyle='--', linewidth=1)
+        ax.set_xlabel('layer')
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title('fg_lift with and without flagged tokens', fontsize=10)
+        ax.legend(fontsize=7)
     return fig

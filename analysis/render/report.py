@@ -22,6 +22,7 @@ from analysis.core.run_files import (
     METRICS_FILE,
     REPORT_FILE,
     RUN_CONFIG_FILE,
+    SINKS_FILE,
     SUMMARY_FILE,
     read_optional_json,
     read_results,
@@ -47,6 +48,8 @@ from analysis.render.findings import (
     mask_omission_reason,
     per_class_order,
     per_class_order_note,
+    sink_sentences,
+    sink_table,
     summary_sentences,
 )
 from analysis.render.stability import one_run_sentences
@@ -58,6 +61,7 @@ _logger = logging.getLogger(__name__)
 BACKGROUND_COMMAND = 'python -m analysis background --model {model} --split test'
 IMPORTANCE_COMMAND = 'python -m analysis importance --model {model}'
 COMPRESS_COMMAND = 'python -m analysis compress --model {model} --output_dir {model}_compressed'
+SINKS_COMMAND = 'python -m analysis sinks --model {model} --split test'
 FAITHFULNESS_COMMAND = 'python -m analysis faithfulness --model {model} --split test'
 LAYER_TABLE_METRICS = ('fg_ratio', 'fg_lift', 'pointing_game', 'entropy', 'mean_attention_distance')
 METRIC_KINDS = {'pointing_game': 'percent', 'mean_attention_distance': 'px'}
@@ -184,6 +188,15 @@ def _faithfulness(output_dir: Path, faithfulness: Optional[Mapping], metrics: Op
             'command': FAITHFULNESS_COMMAND.format(model=output_dir)}
 
 
+def _sinks(output_dir: Path, sinks: Optional[Mapping]) -> Dict:
+    if sinks is None:
+        return {'ran': False, 'command': SINKS_COMMAND.format(model=output_dir)}
+    header, rows = sink_table(sinks)
+    return {'ran': True, 'sentences': sink_sentences(sinks), 'table': {'header': header, 'rows': rows},
+            'rule': sinks['rule']['statistic'] + f' (k = {sinks["rule"]["k"]:.2f}: {sinks["rule"]["why"]})',
+            'num_images': sinks['num_images'], 'command': SINKS_COMMAND.format(model=output_dir)}
+
+
 def _facts(meta: Optional[Mapping]) -> List[str]:
     if meta is None:
         return []
@@ -237,6 +250,7 @@ def write_report(
         importance=_importance(output_dir, importance),
         compression=_compression(output_dir, compress),
         faithfulness=_faithfulness(output_dir, faithfulness, metrics),
+        sinks=_sinks(output_dir, read_optional_json(output_dir / SINKS_FILE)),
         change=_change(read_optional_json(output_dir / CHANGE_FILE)),
         stability=one_run_sentences(output_dir, ((read_optional_json(output_dir / RUN_CONFIG_FILE) or {})
                                                  .get('training') or {}).get('seed')),

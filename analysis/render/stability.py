@@ -9,6 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from analysis.core.run_files import SEEDS_FILE, read_optional_json
 from analysis.render.findings import fmt
+from analysis.studies.stability import STABLE_SHARE
 
 SECTION_TITLE = 'How stable are these findings across training runs'
 
@@ -35,7 +36,19 @@ def stability_sentences(seeds: Mapping) -> List[str]:
         varies = [f for f in moved if not f['stable']]
         sentences.append(f'Fine-tuning stably moved attention onto the flower at {_layers(onto)} and off it at '
                          f'{_layers(off)}; at {_layers(varies)} the direction varies between runs.')
+    sinks = [f for f in findings if f['kind'] == 'attention_sinks']
+    if sinks:
+        absent = [f for f in sinks if f['opposite'] >= STABLE_SHARE * f['runs'] and f['shown'] == 0]
+        sentences.append(f'Attention sinks (high-norm tokens that draw the CLS attention) in a stable way: '
+                         f'{_layers([f for f in sinks if f["stable"]])}; stably absent (the opposite shown by the same '
+                         f'rule): {_layers(absent)}; varying between runs: '
+                         f'{_layers([f for f in sinks if not f["stable"] and f not in absent])}.')
     for f in findings:
+        if f['kind'] == 'sinks_needed':
+            sentences.append(f'Replacing the flagged tokens lowers the predicted-class logit more than replacing random '
+                             f'background tokens: {"stable" if f["stable"] else "varies between runs"} ({f["label"]}; '
+                             f'logit difference {fmt(f["between_run"]["mean"])} ± {fmt(f["between_run"]["sd"])} '
+                             f'between runs).')
         if f['kind'] == 'most_faithful':
             winners = ', '.join(sorted(set(f['winners'])))
             sentences.append(f'Most faithful map: {f["method"]} is {"stably" if f["stable"] else "not stably"} the '
@@ -53,7 +66,7 @@ def _class_rows(seeds: Mapping) -> List[str]:
 def _layer_rows(seeds: Mapping) -> List[str]:
     by_layer: Dict[int, Dict[str, Mapping]] = {}
     for f in seeds['findings']:
-        if 'layer' in f:
+        if f['kind'] == 'fg_lift_above_1' or f['kind'].startswith('moved_'):
             by_layer.setdefault(f['layer'], {})['lift' if f['kind'] == 'fg_lift_above_1' else 'moved'] = f
     rows = ['| layer | fg_lift, mean ± sd between runs | within-run SE | fg_lift > 1 | flower share change, mean ± sd '
             '| within-run SE | direction |', '|---|---|---|---|---|---|---|']
@@ -70,6 +83,23 @@ def _layer_rows(seeds: Mapping) -> List[str]:
                       fmt(entry['within_run_se'], digits=4), claim]
         rows.append('| ' + ' | '.join(cells) + ' |')
     return rows
+
+
+def _sink_rows(seeds: Mapping) -> List[str]:
+    """Per layer, the sink share, the register share and fg_lift without the flagged tokens: mean ± sd between runs."""
+    sinks = seeds.get('sinks') or {}
+    if 'sink_share' not in sinks:
+        return []
+    verdicts = {f['layer']: f['label'] for f in seeds['findings'] if f['kind'] == 'attention_sinks'}
+    names = [n for n in ('sink_share', 'register_share', 'fg_lift_without') if n in sinks]
+    titles = {'sink_share': 'sink share', 'register_share': 'register share',
+              'fg_lift_without': 'fg_lift without flagged tokens'}
+    rows = ['| layer | ' + ' | '.join(f'{titles[n]}, mean ± sd between runs' for n in names) + ' | has sinks |',
+            '|---|' + '---|' * (len(names) + 1)]
+    for layer in range(len(sinks['sink_share'])):
+        cells = [f'{fmt(sinks[n][layer]["mean"])} ± {fmt(sinks[n][layer]["sd"])}' for n in names]
+        rows.append(f'| {layer + 1} | ' + ' | '.join(cells) + f' | {verdicts.get(layer, "")} |')
+    return [''] + rows
 
 
 def stability_markdown(seeds: Mapping) -> str:
@@ -89,6 +119,7 @@ def stability_markdown(seeds: Mapping) -> str:
              f'(min {fmt(seeds["test_accuracy"]["min"])}); macro F1 {fmt(seeds["test_macro_f1"]["mean"])} ± '
              f'{fmt(seeds["test_macro_f1"]["sd"])} (min {fmt(seeds["test_macro_f1"]["min"])}).', '']
     lines += [f'- {s}' for s in stability_sentences(seeds)] + [''] + _class_rows(seeds) + [''] + _layer_rows(seeds)
+    lines += _sink_rows(seeds)
     if seeds.get('faithfulness_ranking'):
         lines += ['', 'Faithfulness ranking per run (most faithful first): '
                   + '; '.join(f'{r["seed"]}: {", ".join(rank[:3])}' for r, rank in zip(runs, seeds['faithfulness_ranking']))

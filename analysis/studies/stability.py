@@ -30,11 +30,14 @@ from analysis.core.run_files import (
     METRICS_FILE,
     RESULTS_FILE,
     RUN_CONFIG_FILE,
+    SINKS_FILE,
     SUMMARY_FILE,
     read_json,
     read_optional_json,
 )
+from analysis.core.stats import ratio_of_means_se
 from analysis.maps.attention_metrics import fg_ratio, flower_area
+from analysis.maps.sinks import sink_margin
 from analysis.maps.summary import SummaryReader
 from data_scripts.errors import UserError
 
@@ -71,23 +74,6 @@ def spread(values: Sequence[Optional[float]]) -> Dict:
             'min': float(defined.min()) if len(defined) else None,
             'max': float(defined.max()) if len(defined) else None,
             'per_run': list(values)}
-
-
-def ratio_of_means_se(numerators: torch.Tensor, denominators: torch.Tensor) -> tuple:
-    """``mean(x) / mean(a)`` and its standard error over the ``n`` rows (delta method).
-
-    Args:
-        numerators: ``[n, ...]``; denominators: ``[n]``.
-
-    Returns:
-        ``(ratio [...], se [...])``: ``se = sd(x - ratio * a) / (sqrt(n) * mean(a))``.
-    """
-    n = numerators.shape[0]
-    a = denominators.double().reshape(n, *([1] * (numerators.dim() - 1)))
-    x = numerators.double()
-    ratio = x.mean(0) / a.mean(0)
-    residual = x - ratio * a
-    return ratio, residual.std(0, unbiased=True) / (n ** 0.5 * a.mean(0))
 
 
 def fg_lift_with_se(summary_path: Union[str, Path]) -> Dict:
@@ -129,6 +115,21 @@ def run_findings(run_dir: Union[str, Path]) -> Dict:
                            for name, v in change['metrics'].items() if name in LAYER_METRICS}
         if 'fg_ratio_change' in change:
             entry['fg_ratio_change'] = change['fg_ratio_change']
+    sinks = read_optional_json(run_dir / SINKS_FILE)
+    if sinks is not None:
+        layers = sinks['layers']
+        margins = [sink_margin(layer) for layer in layers]
+        entry['sinks'] = {
+            'sink_share': [layer['sink_share']['mean'] for layer in layers],
+            'flagged_share': [layer['flagged_share']['mean'] for layer in layers],
+            'sink_margin': {'mean': [m for m, _ in margins], 'se': [se for _, se in margins]},
+        }
+        if 'register_share' in layers[0]:
+            entry['sinks']['register_share'] = [layer['register_share']['mean'] for layer in layers]
+        if 'fg_lift_without' in layers[0]:
+            entry['sinks']['fg_lift_without'] = [layer['fg_lift_without']['mean'] for layer in layers]
+        if (sinks.get('causal') or {}).get('difference'):
+            entry['sinks']['causal'] = {'layer': sinks['causal']['layer'], **sinks['causal']['difference']}
     if faithfulness is not None:
         best = faithfulness['most_faithful']
         entry['faithfulness'] = {'ranking': faithfulness['ranking'], 'most_faithful': best['method'],
@@ -158,6 +159,28 @@ def _layer_findings(runs: Sequence[Mapping], num_layers: int) -> List[Dict]:
                              'finding': f'fine-tuning moved attention {where} the flower at layer {layer + 1}',
                              **verdict(directions, sign), 'between_run': spread(estimates),
                              'within_run_se': spread(ses)['mean']})
+    return findings
+
+
+def _sink_findings(runs: Sequence[Mapping], num_layers: int) -> List[Dict]:
+    """Per layer, "layer k has attention sinks" (`analysis.maps.sinks.sink_margin` above 0), and whether replacing
+    the flagged tokens lowers the predicted-class logit more than replacing random background tokens."""
+    if not all('sinks' in r for r in runs):
+        return []
+    findings = []
+    for layer in range(num_layers):
+        margins = [(r['sinks']['sink_margin']['mean'][layer], r['sinks']['sink_margin']['se'][layer]) for r in runs]
+        findings.append({'kind': 'attention_sinks', 'layer': layer,
+                         'finding': f'layer {layer + 1} has attention sinks',
+                         **verdict([direction(m, se) for m, se in margins], +1),
+                         'between_run': spread([r['sinks']['sink_share'][layer] for r in runs])})
+    if all('causal' in r['sinks'] for r in runs):
+        directions = [direction(r['sinks']['causal']['mean'], r['sinks']['causal']['se']) for r in runs]
+        findings.append({'kind': 'sinks_needed', 'layers': [r['sinks']['causal']['layer'] for r in runs],
+                         'finding': 'replacing the flagged tokens lowers the predicted-class logit more than replacing '
+                                    'as many random background tokens',
+                         **verdict(directions, -1),
+                         'between_run': spread([r['sinks']['causal']['mean'] for r in runs])})
     return findings
 
 
@@ -197,5 +220,9 @@ def aggregate(runs: Sequence[Mapping]) -> Dict:
         'change': {name: [spread([r['change'][name][layer] for r in runs]) for layer in range(num_layers)]
                    for name in (runs[0].get('change') or {}) if all('change' in r for r in runs)},
         'faithfulness_ranking': [r['faithfulness']['ranking'] for r in runs if 'faithfulness' in r],
-        'findings': _layer_findings(runs, num_layers) + [f for f in [_faithfulness_finding(runs)] if f],
+        'sinks': {name: [spread([r['sinks'][name][layer] for r in runs]) for layer in range(num_layers)]
+                  for name in ('sink_share', 'flagged_share', 'register_share', 'fg_lift_without')
+                  if all(name in (r.get('sinks') or {}) for r in runs)},
+        'findings': _layer_findings(runs, num_layers) + [f for f in [_faithfulness_finding(runs)] if f]
+        + _sink_findings(runs, num_layers),
     }

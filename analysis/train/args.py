@@ -20,6 +20,7 @@ from analysis.core.launch import check_launch
 from analysis.core.resources import config_file, config_names
 from analysis.modeling.vit import looks_like_local_path
 from analysis.studies.faithfulness import JOB_MAX_IMAGES as FAITHFULNESS_JOB_IMAGES
+from analysis.studies.sinks import JOB_CAUSAL_IMAGES as SINKS_JOB_IMAGES
 from data_scripts import DataArguments
 from data_scripts.errors import MissingFileError, NotAFolderError, UserError
 
@@ -81,6 +82,11 @@ class ModelArguments:
         default=FAITHFULNESS_JOB_IMAGES,
         metadata={'help': 'After training, score the faithfulness of the attention maps (deletion / insertion) on '
                           'this many test images (0: skip; python -m analysis faithfulness scores more).'})
+    sinks_causal_images: int = field(
+        default=SINKS_JOB_IMAGES,
+        metadata={'help': 'After training, the causal check of the attention sinks (flagged tokens replaced by the '
+                          'mean of the others, against random background tokens) on this many test images (0: skip; '
+                          'the per-layer table of sinks.json is read from the attention summary and always written).'})
     base_seed: Optional[int] = field(
         default=None,
         metadata={'help': 'With base:<config>: build the base with this training seed instead of its config\'s own, '
@@ -100,6 +106,8 @@ class ModelArguments:
             raise UserError(f'--color_jitter must be >= 0 (0: no jitter), got {self.color_jitter}')
         if self.faithfulness_images < 0:
             raise UserError(f'--faithfulness_images must be >= 0 (0 skips the scores), got {self.faithfulness_images}')
+        if self.sinks_causal_images < 0:
+            raise UserError(f'--sinks_causal_images must be >= 0 (0 skips the causal check), got {self.sinks_causal_images}')
         if self.analysis_batches is not None and self.analysis_batches < 1:
             raise UserError(f'--analysis_batches must be >= 1 (or left out for all), got {self.analysis_batches}')
         if self.base_seed is not None and base is None:

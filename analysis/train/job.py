@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from analysis.core.metrics import classification_metrics
+from analysis.core.resources import runtime_versions
 from analysis.core.run_files import (
     CHANGE_FILE,
     DATA_REPORT_FILE,
@@ -52,6 +53,7 @@ from analysis.render.explorer import FULL_MAPS
 from analysis.render.figures import render_figures
 from analysis.render.report import write_report
 from analysis.studies.faithfulness import faithfulness_to_dir
+from analysis.studies.sinks import sinks_to_dir
 from analysis.train.args import BASE_PREFIX, FlowerTrainingArguments, ModelArguments, base_config, parse_config
 from analysis.train.base import ensure_base
 from data_scripts import DataArguments, check_images, load_flower_dataset
@@ -241,6 +243,7 @@ def save_run_config(model_args, data_args, training_args, start: Dict, train_run
         'environment': {
             'device': device, 'num_processes': training_args.world_size, 'platform': platform.platform(),
             'torch': torch.__version__, 'timm': timm.__version__, 'transformers': transformers.__version__,
+            'packages': runtime_versions(),
         },
         'train_runtime_s': train_runtime,
     }
@@ -347,7 +350,8 @@ def trained_model_name(training_args: TrainingArguments) -> str:
 
 
 def analyse(model, dataset, model_args, data_args, training_args) -> None:
-    """What training changed, the faithfulness scores, the report and the card (the summary is written)."""
+    """What training changed, the faithfulness scores, the attention sinks, the report and the card (the summary is
+    written)."""
     output_dir = Path(training_args.output_dir)
     if (output_dir / START_SUMMARY_FILE).is_file():
         change = attention_change(output_dir / START_SUMMARY_FILE, output_dir / SUMMARY_FILE,
@@ -358,6 +362,9 @@ def analyse(model, dataset, model_args, data_args, training_args) -> None:
                             batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed,
                             split=scored_split(dataset), model_id=model_args.model_name_or_path,
                             progress=not training_args.disable_tqdm)
+    if (output_dir / SUMMARY_FILE).is_file():
+        sinks_to_dir(model, output_dir, dataset[scored_split(dataset)], causal_images=model_args.sinks_causal_images,
+                     batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
     figures = render_figures(output_dir)
     write_report(output_dir, figures)
     render_model_card(output_dir, repo_id=training_args.hub_model_id)

@@ -109,6 +109,10 @@
     return item;
   }
 
+  function layerFlags(entry) {  // patch indices flagged as high-norm at the shown layer (none for rollout)
+    return state.layer === 'rollout' || !entry.flagged ? [] : entry.flagged[state.layer];
+  }
+
   function describe(entry, n) {
     const {layer, head, query} = state;
     const heading = document.createElement('p');
@@ -129,6 +133,12 @@
     const top = line(list, 'most attended patch:', 'top', n.top, patchName(n.top));
     const onFlower = entry.fg ? (entry.fg[n.top] >= 0.5 ? ', on the flower' : ', off the flower') : '';
     top.append(` (share ${n.share[n.top].toFixed(3)}${onFlower})`);
+    if (entry.flagged && layer !== 'rollout') {
+      const flagged = layerFlags(entry);
+      const share = flagged.reduce((sum, p) => sum + n.share[p], 0);
+      line(list, 'high-norm tokens (dashed):', 'flagged', flagged.length,
+           flagged.length ? `${flagged.map(patchName).join(', ')}; share ${share.toFixed(3)}` : 'none at this layer');
+    }
     const note = document.createElement('p');
     note.className = 'explorer-why';
     if (layer !== 'rollout' && head === 'mean' && query > 0 && !data.levels.heads) {
@@ -171,6 +181,14 @@
       ctx.strokeStyle = '#00e5ff';
       ctx.strokeRect(left + 1.5, top + 1.5, cellW - 3, cellH - 3);
     }
+    const flagged = layerFlags(entry);
+    ctx.setLineDash([4, 3]);  // the high-norm (flagged) tokens of this layer, dashed
+    ctx.lineWidth = 2;
+    ctx.strokeStyle = '#ff2bd6';
+    for (const p of flagged) {
+      ctx.strokeRect((p % gridW) * cellW + 1, Math.floor(p / gridW) * cellH + 1, cellW - 2, cellH - 2);
+    }
+    ctx.setLineDash([]);
     legend(n.share[n.top]);
     describe(entry, n);
     root.dataset.draws = String(Number(root.dataset.draws || 0) + 1);
