@@ -247,8 +247,8 @@ def build_app(lens: Lens):
             with gr.Column():
                 label = gr.Label(num_top_classes=TOP_K, label='Prediction (top 5)', elem_id='prediction')
                 numbers = gr.Markdown(elem_id='numbers')
-        grid = gr.Image(label='CLS attention of every layer (mean over heads) and rollout', format='png',
-                        interactive=False, elem_id='grid')
+        grid = gr.Image(label='CLS attention of every layer (mean over heads) and rollout', show_label=False,
+                        format='png', interactive=False, elem_id='grid')  # the picture has its own title
         with gr.Row():
             with gr.Column():
                 layer = gr.Dropdown(layers, value=layers[-1][1], label='Layer', elem_id='layer')

@@ -198,18 +198,24 @@ def test_register_model_metrics_equal_those_with_the_register_rows_dropped_by_ha
             torch.testing.assert_close(torch.tensor(with_registers['layers'][name][what]),
                                        torch.tensor(by_hand['layers'][name][what]), rtol=1e-5, atol=1e-7, msg=name)
 
+    norms = torch.stack(norms, 1)  # [B, L, N]
+    norms[..., 1:5] = 100.0  # registers of high norm, as in DINOv2-reg: never flagged, never patches
+    norms[..., 5 + 3] = 50.0  # patch 3: the one outlier among the patches
     sinks = SinkAccumulator(layout, 2, 3)
-    sinks.update(torch.stack(norms, 1), torch.stack([layout.cls_to_patches(a) for a in attentions], 1),
+    sinks.update(norms, torch.stack([layout.cls_to_patches(a) for a in attentions], 1),
                  torch.stack([layout.cls_to_prefix(a) for a in attentions], 1), fg)
     table = sinks.compute()
     plain_sinks = SinkAccumulator(plain, 2, 3)
-    plain_sinks.update(torch.stack(norms, 1)[..., keep], torch.stack([plain.cls_to_patches(a) for a in dropped], 1),
+    plain_sinks.update(norms[..., keep], torch.stack([plain.cls_to_patches(a) for a in dropped], 1),
                        torch.stack([plain.cls_to_prefix(a) for a in dropped], 1), fg)
     plain_table = plain_sinks.compute()
     for layer in range(2):
         ours, theirs = table['layers'][layer], plain_table['layers'][layer]
         for name in ('flagged_share', 'sink_share', 'cls_self_share', 'fg_lift', 'fg_lift_without'):
             assert ours[name]['mean'] == pytest.approx(theirs[name]['mean'], rel=1e-5), name
+        assert ours['flagged_share']['mean'] == pytest.approx(1 / 16)  # patch 3 alone
+        on_patch_3 = torch.stack([a[:, :, 0, 5 + 3] for a in attentions], 1)[:, layer].mean()
+        assert ours['sink_share']['mean'] == pytest.approx(on_patch_3.item(), rel=1e-5)
         registers = torch.stack([a[:, :, 0, 1:5].sum(-1) for a in attentions], 1)[:, layer].mean()  # [B, L, H]
         assert ours['register_share']['mean'] == pytest.approx(registers.item(), rel=1e-5)
         assert 'register_share' not in theirs
@@ -254,7 +260,7 @@ def test_sinks_command_flags_the_planted_token(tmp_path):
 
 @pytest.mark.e2e
 def test_a_register_model_trains_extracts_analyses_compresses_and_reports(tmp_path, capsys):
-    """A ViT with 2 register tokens through the whole job, the sinks command and compression."""
+    """A ViT with 2 register tokens through the whole job, the studies, the image command and compression."""
     import train_hf
     from analysis.cli import main
     from analysis.maps.summary import load_summary
@@ -271,6 +277,14 @@ def test_a_register_model_trains_extracts_analyses_compresses_and_reports(tmp_pa
         assert entry['register_share']['mean'] == pytest.approx(registers[layer].item(), abs=1e-3)
     assert 'register share' in (out / 'report.html').read_text()
     assert 'register tokens' in (out / 'README.md').read_text()
+    for command in (['background'], ['importance', '--max_images', '8'],
+                    ['faithfulness', '--max_images', '4', '--steps', '2']):
+        assert main([command[0], '--model', str(out), '--output', str(tmp_path / command[0]), *command[1:]]) == 0
+    assert json.loads((tmp_path / 'background' / 'background.json').read_text())['variants']['original']['fg_lift']
+    asymmetric = tmp_path / 'photo.png'
+    from PIL import Image
+    Image.new('RGB', (40, 30), (200, 40, 90)).save(asymmetric)
+    assert main(['image', '--model', str(out), '--output', str(tmp_path / 'image'), str(asymmetric)]) == 0
     assert main(['compress', '--model', str(out), '--output_dir', str(tmp_path / 'small'), '--max_accuracy_drop', '0.99',
                  '--speed_rounds', '1', '--selection_images', '16', '--max_steps', '2',
                  '--per_device_train_batch_size', '8']) == 0
@@ -283,3 +297,20 @@ def test_cli_defaults_are_the_module_defaults():
     from analysis.studies.sinks import CAUSAL_IMAGES, SINKS_MAX_IMAGES
     assert SinksFlags.__dataclass_fields__['max_images'].default == SINKS_MAX_IMAGES
     assert SinksFlags.__dataclass_fields__['causal_images'].default == CAUSAL_IMAGES
+
+
+def _layer(share, se, flagged, ratio=1.5):
+    return {'sink_share': {'mean': share, 'se': se}, 'flagged_share': {'mean': flagged}, 'norm_ratio': {'mean': ratio}}
+
+
+@pytest.mark.parametrize('layers, expected', [
+    ([_layer(0.05, 0.01, 0.01), _layer(0.08, 0.02, 0.02)], 'No layer has attention sinks'),
+    ([_layer(0.05, 0.01, 0.01), _layer(0.5, 0.02, 0.02, ratio=12.0)], 'Attention sinks at layer 2 ('),
+    ([_layer(0.2, 0.01, 0.15), _layer(0.14, 0.01, 0.02)], 'Attention sinks at layer 2 ('),  # layer 1: < 2x its share
+    ([_layer(0.13, 0.02, 0.01), _layer(0.3, 0.01, 0.02)], 'Attention sinks at layer 2 ('),  # layer 1: 0.13 - 2 SE < 0.1
+])
+def test_the_sink_rule_in_words(layers, expected):
+    from analysis.render.findings import sink_sentences
+    first = sink_sentences({'layers': layers})[0]
+    assert first.startswith(expected)
+    assert ('far from the ~10x' in first) == (expected.startswith('Attention') and layers[1]['norm_ratio']['mean'] < 3)

@@ -167,4 +167,5 @@ def test_attention_sinks_findings_across_runs():
     sentence = next(s for s in stability_sentences(seeds) if s.startswith('Attention sinks'))
     assert 'in a stable way: layer 2;' in sentence and 'stably absent (the opposite shown by the same rule): layer 1;' \
         in sentence
-    assert '| 2 | 0.504 ± 0.215 | stable |' in stability_markdown(seeds)
+    table = stability_markdown(seeds)
+    assert '| 2 | 0.504 ± 0.215 | stable |' in table and '| 1 | 0.010 ± 0.000 | stably absent (5 of 5 show no sinks) |' in table

@@ -38,6 +38,9 @@ K = MODIFIED_Z / MAD_PER_SD  # ~5.19: a token is flagged above median + K * MAD
 # SINK_MIN_DRAW times their own share of the tokens (`sink_margin`, tested beyond 2 SE where it is used).
 SINK_MIN_SHARE = 0.10
 SINK_MIN_DRAW = 2.0
+# Darcet et al. 2024 find the high-norm tokens of large ViTs at about 10x the median norm; below this ratio the
+# sentences say that the flagged tokens are not of that kind.
+HIGH_NORM_RATIO = 3.0
 # The norm histogram of the figure: norm / the image's median patch norm, log-spaced bins.
 HISTOGRAM_EDGES = torch.logspace(math.log10(1 / 8), math.log10(64), 37)
 

@@ -10,7 +10,7 @@ import math
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from analysis.maps.attention_metrics import MASK_METRICS
-from analysis.maps.sinks import SINK_MIN_DRAW, SINK_MIN_SHARE
+from analysis.maps.sinks import HIGH_NORM_RATIO, SINK_MIN_DRAW, SINK_MIN_SHARE
 from analysis.studies.faithfulness import method_label
 from analysis.studies.sinks import sink_layers
 from analysis.studies.stability import Z
@@ -560,10 +560,13 @@ def sink_sentences(sinks: Mapping) -> List[str]:
     rule = (f'flagged tokens that draw more than {fmt(SINK_MIN_SHARE, "percent")} of the CLS attention and '
             f'{SINK_MIN_DRAW:g}x their share of the tokens, beyond {Z:g} SE')
     if found:
-        sentences = [f'Attention sinks at layers {_layers(found)} ({rule}): at layer {top + 1}, '
+        ratio = entry['norm_ratio']['mean']
+        where = f'layer{"s" if len(found) > 1 else ""} {_layers(found)}'
+        sentences = [f'Attention sinks at {where} ({rule}): at layer {top + 1}, '
                      f'{fmt(entry["flagged_share"]["mean"], "percent")} of the patch tokens are flagged (norm '
-                     f'{fmt(entry["norm_ratio"]["mean"], digits=1)}x the median) and draw '
-                     f'{_pm(entry["sink_share"], "percent")} of the CLS attention.']
+                     f'{fmt(ratio, digits=1)}x the median) and draw {_pm(entry["sink_share"], "percent")} of the CLS '
+                     'attention.' + (' Their norm is far from the ~10x of the high-norm tokens of large ViTs (Darcet et '
+                                     'al. 2024).' if ratio is not None and ratio < HIGH_NORM_RATIO else '')]
     else:
         sentences = [f'No layer has attention sinks ({rule}). The flagged high-norm tokens are '
                      f'{fmt(min(flagged), "percent")} to {fmt(max(flagged), "percent")} of the patch tokens per layer; '

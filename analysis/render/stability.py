@@ -20,6 +20,19 @@ def _layers(findings: Sequence[Mapping]) -> str:
     return f'layer{"s" if len(numbers) > 1 else ""} {", ".join(numbers)}' if numbers else 'no layer'
 
 
+def _stably_absent(finding: Mapping) -> bool:
+    """The opposite of a finding holds by the same rule: at least `STABLE_SHARE` of the runs show it, none the finding."""
+    return finding['opposite'] >= STABLE_SHARE * finding['runs'] and finding['shown'] == 0
+
+
+def _sink_verdict(finding: Mapping) -> str:
+    if finding['stable']:
+        return 'stable'
+    if _stably_absent(finding):
+        return f'stably absent ({finding["opposite"]} of {finding["runs"]} show no sinks)'
+    return finding['label']
+
+
 def stability_sentences(seeds: Mapping) -> List[str]:
     """The findings in words: what holds in every run, and what varies (with the counts)."""
     findings = seeds['findings']
@@ -38,7 +51,7 @@ def stability_sentences(seeds: Mapping) -> List[str]:
                          f'{_layers(off)}; at {_layers(varies)} the direction varies between runs.')
     sinks = [f for f in findings if f['kind'] == 'attention_sinks']
     if sinks:
-        absent = [f for f in sinks if f['opposite'] >= STABLE_SHARE * f['runs'] and f['shown'] == 0]
+        absent = [f for f in sinks if _stably_absent(f)]
         sentences.append(f'Attention sinks (high-norm tokens that draw the CLS attention) in a stable way: '
                          f'{_layers([f for f in sinks if f["stable"]])}; stably absent (the opposite shown by the same '
                          f'rule): {_layers(absent)}; varying between runs: '
@@ -46,9 +59,8 @@ def stability_sentences(seeds: Mapping) -> List[str]:
     for f in findings:
         if f['kind'] == 'sinks_needed':
             sentences.append(f'Replacing the flagged tokens lowers the predicted-class logit more than replacing random '
-                             f'background tokens: {"stable" if f["stable"] else "varies between runs"} ({f["label"]}; '
-                             f'logit difference {fmt(f["between_run"]["mean"])} ± {fmt(f["between_run"]["sd"])} '
-                             f'between runs).')
+                             f'background tokens: {f["label"]} (logit difference {fmt(f["between_run"]["mean"])} ± '
+                             f'{fmt(f["between_run"]["sd"])} between runs).')
         if f['kind'] == 'most_faithful':
             winners = ', '.join(sorted(set(f['winners'])))
             sentences.append(f'Most faithful map: {f["method"]} is {"stably" if f["stable"] else "not stably"} the '
@@ -90,7 +102,7 @@ def _sink_rows(seeds: Mapping) -> List[str]:
     sinks = seeds.get('sinks') or {}
     if 'sink_share' not in sinks:
         return []
-    verdicts = {f['layer']: f['label'] for f in seeds['findings'] if f['kind'] == 'attention_sinks'}
+    verdicts = {f['layer']: _sink_verdict(f) for f in seeds['findings'] if f['kind'] == 'attention_sinks'}
     names = [n for n in ('sink_share', 'register_share', 'fg_lift_without') if n in sinks]
     titles = {'sink_share': 'sink share', 'register_share': 'register share',
               'fg_lift_without': 'fg_lift without flagged tokens'}
