@@ -11,6 +11,7 @@ CLS-to-patch row ``[P]`` is reshaped to the patch grid and upsampled by the patc
 (nearest neighbour), so each patch covers exactly the pixels it was cut from.
 """
 import logging
+import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
@@ -218,8 +219,8 @@ def layer_grid(
     fig = Figure(figsize=(1.15 * ncols, 1.1 * num_examples + 0.6), layout='constrained')
     col_titles = ['image'] + [f'L{i + 1}' for i in range(num_layers)] + ['rollout']
     _draw_panel_grid(fig.subplots(), panels, list(row_titles), col_titles)
-    fig.suptitle('CLS-to-patch attention per layer (mean over heads) and rollout; '
-                 'each map scaled to its own maximum', fontsize=12)
+    title = 'CLS-to-patch attention per layer (mean over heads) and rollout; each map scaled to its own maximum'
+    fig.suptitle(textwrap.fill(title, width=max(40, int(11 * 1.15 * ncols))), fontsize=12)  # fits a grid of few layers
     return fig
 
 
