@@ -89,8 +89,9 @@ class Lens:
     def num_heads(self) -> int:
         return self.model.timm_model.blocks[0].attn.num_heads
 
-    def analyse(self, path: str) -> Dict:
-        """Everything the page shows of one image, as plain arrays (the page keeps it in its own state).
+    def analyse(self, path: str, target: Optional[int] = None) -> Dict:
+        """Everything the page shows of one image, as plain arrays (the page keeps it in its own state), the file
+        read once: the maps of `attend_images` and the gradient rollout for class ``target`` (None: the predicted).
 
         Raises:
             UserError: the file is not a readable image.
@@ -99,17 +100,20 @@ class Lens:
         image = open_image(path)  # upright (EXIF), 8-bit RGB whatever the mode; any size (resized by the transform)
         with self.lock:
             result = attend_images(self.model, [image], self.data_config)
+        gradient = self._gradient(image, target)
         _logger.info('analysed %s (%d x %d) in %.2f s', Path(path).name, *image.size, time.perf_counter() - began)
         cls_attention = result['cls_attention'][0]  # [L, H, P]
         flags = flag_high_norm(result['token_norms'][0, :, self.layout.num_prefix_tokens:])  # [L, P]
-        fg = self.example_fg.get(_sha256(path))  # [P] or None
+        fg = self.example_fg.get(_sha256(path)) if self.example_fg else None  # [P] or None
         return {'crop': result['images'][0].numpy(), 'probs': result['probs'][0].numpy(),
                 'cls_attention': cls_attention.numpy(), 'rollout': result['rollout'][0].numpy(),
-                'flagged': flags.numpy(), 'fg': None if fg is None else fg.numpy()}
+                'flagged': flags.numpy(), 'fg': None if fg is None else fg.numpy(), 'gradient': gradient}
 
     def gradient_map(self, path: str, target: Optional[int]) -> np.ndarray:
-        """Gradient-weighted rollout ``[P]`` of an image for class ``target`` (None: the predicted class)."""
-        image = open_image(path)
+        """Gradient-weighted rollout ``[P]`` of an image file for class ``target`` (None: the predicted class)."""
+        return self._gradient(open_image(path), target)
+
+    def _gradient(self, image: Image.Image, target: Optional[int]) -> np.ndarray:
         pixel_values = eval_transform(self.data_config)(image)[None].to(self.model.device, self.model.dtype)
         with self.lock:
             _, attentions, gradients, _ = attention_gradients(
@@ -166,12 +170,11 @@ def run_examples(model_dir: str, folder: Path, count: int = NUM_EXAMPLES) -> Lis
 
     Nothing for a model that is not a run's output directory, or whose dataset has no masks.
     """
-    from analysis.core.run_files import RUN_CONFIG_FILE, read_optional_json
+    from analysis.core.run_files import run_data_args
     from data_scripts import DataArguments, load_flower_dataset
-    run_config = read_optional_json(Path(model_dir) / RUN_CONFIG_FILE) if Path(model_dir).is_dir() else None
-    if not run_config:
+    data = run_data_args(model_dir)
+    if data is None:
         return []
-    data = {k: v for k, v in run_config['data'].items() if k in DataArguments.__dataclass_fields__}
     split = load_flower_dataset(DataArguments(**data)).get('test')
     if split is None or 'mask' not in split.column_names:
         return []
@@ -210,12 +213,11 @@ def build_app(lens: Lens):
         if not path:
             return None, None, None, None, None, '', None
         try:
-            analysis = lens.analyse(path)
-            gradient = lens.gradient_map(path, _target(lens, target))
+            analysis = lens.analyse(path, _target(lens, target))
         except UserError as e:
             raise gr.Error(_in_words(e, path)) from e
         return (lens.top_k(analysis), lens.grid(analysis), lens.picture(analysis['crop'], analysis['rollout']),
-                lens.picture(analysis['crop'], gradient), lens.single_map(analysis, layer, head),
+                lens.picture(analysis['crop'], analysis['gradient']), lens.single_map(analysis, layer, head),
                 lens.numbers(analysis), analysis)
 
     def target_event(path, target, analysis):

@@ -157,20 +157,18 @@ def _parse(flags, argv: List[str], with_data: bool = False):
 
 def _run_data_defaults(argv: List[str]) -> dict:
     """The dataset arguments of the run named by --model, if it is an output directory with run_config.json."""
-    from data_scripts import DataArguments
     model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--model'),
                  next((a.split('=', 1)[1] for a in argv if a.startswith('--model=')), None))
-    from analysis.core.run_files import RUN_CONFIG_FILE
-    run_config = Path(model).expanduser() / RUN_CONFIG_FILE if model else None
-    if run_config is None or not run_config.is_file():
+    from analysis.core.run_files import run_data_args
+    data = run_data_args(Path(model).expanduser()) if model else None
+    if data is None:
         from analysis.train.args import DATASET_FLAGS
         if not any(a.split('=')[0] in DATASET_FLAGS for a in argv):
             raise UserError('name the dataset (--dataset_name synthetic|oxford102|<hub id>, --train_dir DIR, ...): '
                              '--model is not the output directory of a run, so there is no dataset to default to')
         return {}
-    data = json.loads(run_config.read_text())['data']
-    logger.info(f'dataset defaults from {run_config}: {data.get("dataset_name")}')
-    return {k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__}
+    logger.info(f'dataset defaults from {model}: {data.get("dataset_name")}')
+    return data
 
 
 def _load_model(name: str):

@@ -83,3 +83,13 @@ def weights_sha256(folder: Union[str, Path]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def run_data_args(output_dir: Union[str, Path]) -> Optional[Dict]:
+    """The dataset arguments a run recorded (``run_config.json``'s ``data``, as `DataArguments` fields), or None when
+    ``output_dir`` is not the output directory of a run."""
+    from data_scripts import DataArguments
+    path = Path(output_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    return {k: v for k, v in read_json(path)['data'].items() if k in DataArguments.__dataclass_fields__}

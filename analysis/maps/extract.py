@@ -269,7 +269,8 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
     layout = model.token_layout
     pixel_values, labels = batch['pixel_values'], batch['labels']  # [B, 3, H_px, W_px], [B]
     check_input_size(pixel_values, layout)
-    with capture_token_norms(model.timm_model) as norms:
+    # the token norms are rows of the summary: not captured for a pass that keeps none (e.g. background variants)
+    with capture_token_norms(model.timm_model) if keep_rows else contextlib.nullcontext() as norms:
         out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
     attentions = out.attentions  # L x [B, H, N, N], reduced where the model runs
     cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1).float()  # [B, L, H, P]

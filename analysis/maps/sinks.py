@@ -158,7 +158,7 @@ class SinkAccumulator:
         norms = token_norms.float()
         patch_norms = norms[..., p:]  # [B, L, P]
         median = patch_norms.quantile(0.5, dim=-1)  # [B, L]
-        flags = patch_norms > norm_threshold(patch_norms)[..., None]  # [B, L, P]
+        flags = flag_high_norm(patch_norms)  # [B, L, P]
         count = flags.sum(-1)  # [B, L]
         flagged_norm = (patch_norms * flags).sum(-1) / count.clamp_min(1)
         relative = (patch_norms / median[..., None].clamp_min(1e-12)).log10()  # [B, L, P]
