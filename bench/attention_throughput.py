@@ -2,9 +2,20 @@
 
 Throughput: `analysis.maps.extract.extract_to_file` (output_attentions, rollout, metrics, per-image
 rows streamed to the summary file) against a plain ``model(pixel_values)`` pass over the same split, same batches, same data
-loading, alternated in one process; the ratio is printed (target >= 0.85). The extraction includes what the
-sinks analysis reads (every token's norm at every block, the CLS row on the prefix tokens). ``--vit_base N``: the
-same on a ViT-B/16 at 224 px (random weights) and N synthetic flowers of 224 px.
+loading, alternated in one process; the ratio is printed (target >= 0.85), and that of the extraction of the
+same images without their mask column (what a split without masks costs: no masks decoded, no fg metrics).
+The extraction includes what the sinks analysis reads (every token's norm at every block, the CLS row on
+the prefix tokens). ``--vit_base N``: the same on a ViT-B/16 at 224 px (random weights) and N synthetic
+flowers of 224 px.
+
+Sections (``--sections``): where the extraction's time goes. Each round times every section over the
+whole split, in a shuffled order: the plain loader (images) and the extraction's (images and masks);
+on batches loaded beforehand, the fused forward pass, the eager one without hooks, the eager one
+reducing every map as it comes with the token norms (what the extraction runs), and the extraction's
+every batch (rows, metric sums, written to a part file). Seconds per split (the fastest round: on a noisy
+machine the least disturbed one), and each section's share of the gap to the plain pass.
+
+    python bench/attention_throughput.py --sections --model outputs/synthetic_demo [--rounds 5]
 
 Memory: extraction of 200 and of 800 images, each in a fresh process; peak RSS (ru_maxrss) of
 both and its growth are printed (target < 15%).
@@ -82,6 +93,88 @@ def extract_images_per_s(model, split, batch_size) -> float:
         start = time.perf_counter()
         extract_to_file(model, split, Path(tmp) / 'attentions.safetensors', batch_size=batch_size, progress=False)
         return len(split) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def sections_main(args) -> None:
+    import random
+    from analysis.maps import extract
+    from analysis.maps.attention_metrics import AttentionMetricsAccumulator
+    from analysis.maps.reduce import AttentionReducer
+    from analysis.maps.summary import SummaryWriter
+    from analysis.modeling.timm_internals import capture_token_norms, eager_attention
+
+    model, split = load(args.model, args.images)
+    vit, layout, data_config = model.timm_model, model.token_layout, model_data_config(model.timm_model)
+    L, H, _ = extract._map_shape(model)
+    names = split.features['label'].names
+    plain_data = split.with_transform(batch_transform(eval_transform(data_config)), columns=['image', 'label'])
+    reducer = AttentionReducer(layout, L)
+
+    def reduced(pixels):
+        with capture_token_norms(vit), reducer.capture(vit) as layers:
+            model(pixels).logits.float().cpu()
+        reducer.result(layers)
+
+    def eager(pixels):
+        with eager_attention(vit):
+            model(pixels).logits.float().cpu()
+
+    def extraction_batches(batches):
+        with tempfile.TemporaryDirectory() as tmp, SummaryWriter(Path(tmp) / 'part.safetensors') as part:
+            metrics = AttentionMetricsAccumulator(layout, L, H, names)
+            examples, full = extract._selection_candidates(part, model, 4, 0)
+            for b, batch in enumerate(batches):
+                extract._extract_batch(model, batch, b * args.batch_size, part, reducer, metrics, examples, full,
+                                       data_config=data_config, has_masks=True, keep_rows=True, scored=True)
+
+    batches = list(extract.eval_loader(split, range(len(split)), data_config, True, args.batch_size))
+    sections = {
+        'data: plain (images)': lambda: list(DataLoader(plain_data, batch_size=args.batch_size, collate_fn=collate)),
+        'data: extraction (images, masks)': lambda: list(extract.eval_loader(
+            split, range(len(split)), data_config, True, args.batch_size)),
+        'forward: fused (plain)': lambda: [model(b['pixel_values']).logits.float().cpu() for b in batches],
+        'forward: eager, no hooks': lambda: [eager(b['pixel_values']) for b in batches],
+        'forward: eager, maps reduced, norms': lambda: [reduced(b['pixel_values']) for b in batches],
+        'extraction: every batch': lambda: extraction_batches(batches),
+    }
+
+    def one_round(seed: int) -> dict:
+        order = list(sections)
+        random.Random(seed).shuffle(order)
+        times = {}
+        for name in order:
+            begin = time.perf_counter()
+            sections[name]()
+            times[name] = time.perf_counter() - begin
+        return times
+
+    one_round(0)  # warm-up
+    rounds = [one_round(r + 1) for r in range(args.rounds)]
+    fastest = {name: min(r[name] for r in rounds) for name in SECTIONS}  # the fastest round: the least disturbed
+    plain = fastest['data: plain (images)'] + fastest['forward: fused (plain)']
+    extraction = fastest['data: extraction (images, masks)'] + fastest['extraction: every batch']
+    gaps = {
+        'masks (decode, eval geometry, patch fractions)':
+            fastest['data: extraction (images, masks)'] - fastest['data: plain (images)'],
+        'eager attention instead of fused': fastest['forward: eager, no hooks'] - fastest['forward: fused (plain)'],
+        'maps reduced as they come, token norms':
+            fastest['forward: eager, maps reduced, norms'] - fastest['forward: eager, no hooks'],
+        'rows, metric sums, part file':
+            fastest['extraction: every batch'] - fastest['forward: eager, maps reduced, norms'],
+    }
+    print(f'{args.model or "the demo ViT (random weights)"}, {len(split)} images, batch {args.batch_size}, '
+          f'{torch.get_num_threads()} threads; seconds per split, the fastest of {args.rounds} rounds')
+    for name in SECTIONS:
+        print(f'  {name:<40} {fastest[name]:.3f} s')
+    print(f'plain pass {plain:.3f} s, extraction {extraction:.3f} s (without the merge of its part file): '
+          f'ratio {plain / extraction:.3f}; the gap, {extraction - plain:.3f} s:')
+    for name, gap in gaps.items():
+        print(f'  {name:<48} {gap:+.3f} s ({100 * gap / plain:+.1f}% of the plain pass)')
+
+
+SECTIONS = ('data: plain (images)', 'data: extraction (images, masks)', 'forward: fused (plain)',
+            'forward: eager, no hooks', 'forward: eager, maps reduced, norms', 'extraction: every batch')
 
 
 def peak_rss_child(model_name, num_images, batch_size) -> int:
@@ -241,6 +334,8 @@ def main():
     parser.add_argument('--scale_classes', type=int, default=2, help='synthetic flower classes of the scale data')
     parser.add_argument('--scale_commands', nargs='+', default=list(SCALE_COMMANDS), choices=SCALE_COMMANDS)
     parser.add_argument('--processes', action='store_true', help='1 process vs 2 (accelerate, CPU) instead')
+    parser.add_argument('--sections', action='store_true', help='where the extraction\'s time goes, batch by batch')
+    parser.add_argument('--rounds', type=int, default=5, help='rounds over the split (--sections)')
     parser.add_argument('--vit_base', type=int, default=0, metavar='N',
                         help='the throughput ratio on ViT-B/16 at 224 px (random weights), N synthetic flower images')
     args = parser.parse_args()
@@ -248,6 +343,8 @@ def main():
         return processes_main(args)
     if args.scale:
         return scale_main(args)
+    if args.sections:
+        return sections_main(args)
 
     if args.vit_base:  # ViT-B/16 at 224 px (random weights) on synthetic flowers of 224 px with masks
         split = load_flower_dataset(scale_data_args(args.vit_base, args.scale_classes))['test'].select(range(args.vit_base))
@@ -259,16 +356,21 @@ def main():
         model, split = load(args.model, args.images)
         what = f'{args.model or "the demo ViT (random weights)"}, {args.images} images'
     inference_images_per_s(model, split.select(range(args.batch_size)), args.batch_size)  # warm-up
-    plain, extract = [], []
+    unmasked = split.remove_columns('mask')  # the same images without their masks: no fg metrics, no mask loading
+    plain, extract, extract_unmasked = [], [], []
     for r in range(args.repeats):
         plain.append(inference_images_per_s(model, split, args.batch_size))
         extract.append(extract_images_per_s(model, split, args.batch_size))
-        print(f'repeat {r + 1}: inference {plain[-1]:.1f} img/s, extract {extract[-1]:.1f} img/s, '
-              f'ratio {extract[-1] / plain[-1]:.3f}', flush=True)
+        extract_unmasked.append(extract_images_per_s(model, unmasked, args.batch_size))
+        print(f'repeat {r + 1}: inference {plain[-1]:.1f} img/s, extract {extract[-1]:.1f} img/s (ratio '
+              f'{extract[-1] / plain[-1]:.3f}), without masks {extract_unmasked[-1]:.1f} img/s (ratio '
+              f'{extract_unmasked[-1] / plain[-1]:.3f})', flush=True)
     p, e = statistics.median(plain), statistics.median(extract)
     paired = statistics.median(x / y for x, y in zip(extract, plain))
+    paired_unmasked = statistics.median(x / y for x, y in zip(extract_unmasked, plain))
     print(f'median images/s: inference {p:.1f}, extract {e:.1f}; ratio extract/inference = {e / p:.3f}, median of the '
-          f'paired ratios {paired:.3f} (target >= 0.85); {what}, batch {args.batch_size}, {torch.get_num_threads()} threads')
+          f'paired ratios {paired:.3f} (target >= 0.85); without the masks (no mask loading, no fg metrics) '
+          f'{paired_unmasked:.3f}; {what}, batch {args.batch_size}, {torch.get_num_threads()} threads')
     if args.vit_base:
         return
 

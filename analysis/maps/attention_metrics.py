@@ -16,6 +16,7 @@ Per image (pure functions on tensors):
 Over a dataset, :class:`AttentionMetricsAccumulator` keeps running sums only (memory
 ``O(L * H * C)``), so attention maps are reduced batch by batch and never all held at once.
 """
+import functools
 import logging
 import math
 from typing import Dict, Optional, Sequence, Tuple
@@ -146,20 +147,34 @@ def mean_attention_distance(attn: torch.Tensor, layout: TokenLayout) -> torch.Te
         raise UserError(
             f'attn must be [B, H, {layout.num_tokens}, {layout.num_tokens}] for this layout, '
             f'got {tuple(attn.shape)}')
-    numerator, denominator = _distance_sums(attn, layout)  # [B, H, P] each
+    numerator, denominator = distance_sums(attn, layout)  # [B, H, P] each
     return (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)
 
 
-def _distance_sums(attn: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)
+def _distance_weights(layout: TokenLayout) -> torch.Tensor:
+    """``[N, N, 2]``: for query ``q`` and key ``k``, the pixel distance between their patch centres, and 1 for a
+    patch key; 0 where either is a prefix token (computed once per layout)."""
+    p, centers = layout.num_prefix_tokens, layout.patch_centers()  # [P, 2]
+    weights = torch.zeros(layout.num_tokens, layout.num_tokens, 2)
+    weights[p:, p:, 0] = torch.cdist(centers, centers)
+    weights[:, p:, 1] = 1.0
+    return weights
+
+
+def distance_sums(attn: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per patch query: ``sum_k a_qk * d_qk`` and ``sum_k a_qk`` over the patch keys, ``[B, H, P]`` each.
 
-    Kept apart so that the head-averaged map's distance follows from the per-head sums (their
-    head means) without building the averaged ``[B, N, N]`` map again.
+    What `mean_attention_distance` needs of one layer's map ``[B, H, N, N]``, in one pass over it (a
+    batched product over the queries, no copy of the map): the extraction reduces every map to these as
+    the model computes it (`analysis.maps.reduce`), and `AttentionMetricsAccumulator.batch_sums` takes
+    them instead of the maps. The head-averaged map's sums are the head means of these.
     """
-    patch_attn = layout.patches_to_patches(attn.float())  # [B, H, P, P]
-    centers = layout.patch_centers().to(attn.device)  # [P, 2]
-    distance = torch.cdist(centers, centers)  # [P, P]
-    return torch.einsum('bhqk,qk->bhq', patch_attn, distance), patch_attn.sum(dim=-1)
+    B, H, N, _ = attn.shape
+    weights = _distance_weights(layout).to(attn.device)  # [N, N, 2]
+    sums = torch.bmm(attn.float().reshape(B * H, N, N).transpose(0, 1), weights)  # [N, B * H, 2]: query-major
+    sums = sums[layout.num_prefix_tokens:].transpose(0, 1).reshape(B, H, layout.num_patches, 2)  # patch queries
+    return sums[..., 0], sums[..., 1]
 
 
 class AttentionMetricsAccumulator:
@@ -230,7 +245,7 @@ class AttentionMetricsAccumulator:
                 f'{what} was {"given" if seen else "missing"} in earlier batches but is '
                 f'{"given" if given else "missing"} now; pass it for every batch or for none')
 
-    def _check_shapes(self, attentions, cls_attention, labels, fg_fraction, rollout_cls) -> int:
+    def _check_shapes(self, attentions, cls_attention, labels, fg_fraction, rollout_cls, distances) -> int:
         L, H, P = self.num_layers, self.num_heads, self.layout.num_patches
         if cls_attention.dim() != 4 or tuple(cls_attention.shape[1:]) != (L, H, P):
             raise UserError(f'cls_attention must be [B, {L}, {H}, {P}], got {tuple(cls_attention.shape)}')
@@ -252,6 +267,12 @@ class AttentionMetricsAccumulator:
             for i, a in enumerate(attentions):
                 if tuple(a.shape) != (B, H, N, N):
                     raise UserError(f'attentions[{i}] must be [{B}, {H}, {N}, {N}], got {tuple(a.shape)}')
+        if distances is not None:
+            if attentions is not None:
+                raise UserError('pass the attention maps or their distance sums, not both')
+            if len(distances) != 2 or any(tuple(d.shape) != (B, L, H, P) for d in distances):
+                raise UserError(f'distances must be (numerator, denominator), [{B}, {L}, {H}, {P}] each, got '
+                                f'{[tuple(d.shape) for d in distances]}')
         return B
 
     @torch.no_grad()
@@ -262,6 +283,8 @@ class AttentionMetricsAccumulator:
             labels: torch.Tensor,
             fg_fraction: Optional[torch.Tensor] = None,
             rollout_cls: Optional[torch.Tensor] = None,
+            *,
+            distances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """Adds one batch: ``merge(batch_sums(...))``.
 
@@ -274,8 +297,10 @@ class AttentionMetricsAccumulator:
             fg_fraction: ``[B, P]`` fraction of each patch covered by the flower, or None when
                 the dataset has no masks.
             rollout_cls: ``[B, P]`` CLS row of the attention rollout, or None.
+            distances: in place of ``attentions``, what the mean attention distance needs of them: the
+                `distance_sums` of every layer, ``(numerator, denominator)``, ``[B, L, H, P]`` each.
         """
-        self.merge(self.batch_sums(attentions, cls_attention, labels, fg_fraction, rollout_cls))
+        self.merge(self.batch_sums(attentions, cls_attention, labels, fg_fraction, rollout_cls, distances=distances))
 
     @torch.no_grad()
     def batch_sums(
@@ -285,6 +310,8 @@ class AttentionMetricsAccumulator:
             labels: torch.Tensor,
             fg_fraction: Optional[torch.Tensor] = None,
             rollout_cls: Optional[torch.Tensor] = None,
+            *,
+            distances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """One batch's contribution to the running sums (arguments as `update`); nothing is added yet.
 
@@ -293,10 +320,12 @@ class AttentionMetricsAccumulator:
             has_full_attention, has_rollout), on the CPU. `merge` adds it. Adding the batches' sums in
             the same order gives bit-identical metrics however the batches were spread over processes.
         """
-        B = self._check_shapes(attentions, cls_attention, labels, fg_fraction, rollout_cls)
+        B = self._check_shapes(attentions, cls_attention, labels, fg_fraction, rollout_cls, distances)
+        if attentions is not None:
+            distances = tuple(torch.stack(d, dim=1) for d in zip(*(distance_sums(a, self.layout) for a in attentions)))
         sums = self._zero_sums()
         sums['num_images'] = torch.tensor(B, dtype=torch.int64)
-        sums['flags'] = torch.tensor([fg_fraction is not None, attentions is not None, rollout_cls is not None],
+        sums['flags'] = torch.tensor([fg_fraction is not None, distances is not None, rollout_cls is not None],
                                      dtype=torch.int8)
         if B == 0:
             return sums
@@ -307,14 +336,13 @@ class AttentionMetricsAccumulator:
         maps = torch.cat([cls_attention, cls_attention.mean(dim=2, keepdim=True)], dim=2)  # [B, L, H+1, P]
         sums['entropy_sum'] += attention_entropy(maps).sum(dim=0).double().cpu()
 
-        if attentions is not None:
-            for layer, attn in enumerate(attentions):
-                numerator, denominator = _distance_sums(attn, self.layout)  # [B, H, P] each
-                # the head-averaged map's sums are the head means of the per-head sums
-                numerator = torch.cat([numerator, numerator.mean(dim=1, keepdim=True)], dim=1)  # [B, H+1, P]
-                denominator = torch.cat([denominator, denominator.mean(dim=1, keepdim=True)], dim=1)
-                distance = (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)  # [B, H+1]
-                sums['distance_sum'][layer] += distance.sum(dim=0).double().cpu()
+        if distances is not None:
+            numerator, denominator = (d.float() for d in distances)  # [B, L, H, P] each
+            # the head-averaged map's sums are the head means of the per-head sums
+            numerator = torch.cat([numerator, numerator.mean(dim=2, keepdim=True)], dim=2)  # [B, L, H+1, P]
+            denominator = torch.cat([denominator, denominator.mean(dim=2, keepdim=True)], dim=2)
+            distance = (numerator / denominator.clamp_min(1e-12)).mean(dim=-1)  # [B, L, H+1]
+            sums['distance_sum'] += distance.sum(dim=0).double().cpu()
 
         if fg_fraction is not None:
             fg_fraction = fg_fraction.float()

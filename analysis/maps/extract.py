@@ -5,9 +5,10 @@ float16), the CLS row on the prefix tokens (``[L, H, prefix]``), the norm of eve
 block's output (``[L, N]``, for `analysis.maps.sinks`), the CLS row of the attention rollout (``[P]``) and, with masks, the fraction of each
 patch covered by the flower (``[P]``). Full ``N x N`` maps, with the input crops, only for
 ``full_maps`` images: half correct and half wrong predictions where the split has both
-(`FullMapSlots`). The per-batch maps are reduced (`AttentionMetricsAccumulator`) and dropped, so memory
-holds one batch of maps, never every image's ``L x H x N x N``; the per-image rows go to disk
-as they come (`analysis.maps.summary.SummaryWriter`), so memory does not grow with the split.
+(`FullMapSlots`), from a second pass over those images alone. Every map is reduced as the model computes it
+(`analysis.maps.reduce.AttentionReducer`) and dropped, so memory holds one layer's maps of one batch, never
+a batch's ``L x H x N x N``; the per-image rows go to disk as they come
+(`analysis.maps.summary.SummaryWriter`), so memory does not grow with the split.
 
 Many processes (``accelerate launch ... -m analysis extract``, or the training job on every rank):
 each streams a contiguous share of the batches into a part file (`extract_shard`); rank 0 merges
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from analysis.core.metrics import classification_metrics
 from analysis.core.run_files import METRICS_FILE, SUMMARY_FILE
 from analysis.maps.attention_metrics import AttentionMetricsAccumulator
+from analysis.maps.reduce import AttentionReducer
 from analysis.maps.rollout import rollout_cls
 from analysis.maps.summary import SUMMARY_FORMAT, SUMMARY_VERSION, SummaryReader, SummaryWriter
 from analysis.modeling.timm_internals import capture_token_norms
@@ -130,8 +132,14 @@ class _Candidates:
         for name, (shape, dtype) in rows.items():
             part.append(prefix + name, torch.empty(0, *shape, dtype=dtype))
 
-    def wants(self, correct: bool) -> bool:
-        return self.count[correct] < self.cap
+    def taken_of(self, correct: List[bool]) -> List[int]:
+        """The images of a batch (``correct``: of each, in order) this takes: the first of each kind it still wants."""
+        room, taken = {c: self.cap - self.count[c] for c in (True, False)}, []
+        for i, c in enumerate(correct):
+            if room[c] > 0:
+                taken.append(i)
+                room[c] -= 1
+        return taken
 
     def add(self, index: int, correct: bool, rows: Dict[str, torch.Tensor]) -> None:
         self.part.append(self.prefix + 'indices', torch.tensor([index]))
@@ -241,27 +249,33 @@ def _selection_candidates(part: SummaryWriter, model: TimmViTForImageClassificat
     return examples, full
 
 
-def _add_candidates(examples: _Candidates, full: Optional[_Candidates], start: int, correct: torch.Tensor,
-                    pixel_values: torch.Tensor, attentions: Sequence[torch.Tensor], data_config: Dict) -> None:
-    """Offers the images of a batch (split rows ``start``...) to the selections; crops only those taken."""
-    for i, c in enumerate(correct.tolist()):
-        if not (examples.wants(c) or (full is not None and full.wants(c))):
-            continue
+def _add_candidates(model: TimmViTForImageClassification, examples: _Candidates, full: Optional[_Candidates],
+                    start: int, correct: torch.Tensor, pixel_values: torch.Tensor, data_config: Dict) -> None:
+    """Offers the images of a batch (split rows ``start``...) to the selections; crops only those taken.
+
+    The extraction's pass keeps no full maps (`AttentionReducer`): those of the few images the full-map
+    selection takes come from a second eager pass over these images alone.
+    """
+    correct = correct.tolist()
+    taken_examples, taken_full = examples.taken_of(correct), full.taken_of(correct) if full is not None else []
+    if taken_full:
+        out = model(pixel_values[taken_full].to(model.device, model.dtype), output_attentions=True)
+        maps = torch.stack(out.attentions, dim=1).half().cpu()  # [K, L, H, N, N]
+    for i in sorted(set(taken_examples) | set(taken_full)):
         crop = _unnormalise(pixel_values[i:i + 1], data_config)[0]  # [H_px, W_px, 3]
-        if examples.wants(c):
-            examples.add(start + i, c, {'images': crop})
-        if full is not None and full.wants(c):
-            maps = torch.stack([a[i] for a in attentions]).half().cpu()  # [L, H, N, N]
-            full.add(start + i, c, {'attention': maps, 'images': crop})
+        if i in taken_examples:
+            examples.add(start + i, correct[i], {'images': crop})
+        if i in taken_full:
+            full.add(start + i, correct[i], {'attention': maps[taken_full.index(i)], 'images': crop})
 
 
 def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.Tensor], start: int,
-                   part: SummaryWriter, metrics: AttentionMetricsAccumulator, examples: _Candidates,
-                   full: Optional[_Candidates], *, data_config: Dict, has_masks: bool, keep_rows: bool,
-                   scored: bool) -> int:
+                   part: SummaryWriter, reducer: AttentionReducer, metrics: AttentionMetricsAccumulator,
+                   examples: _Candidates, full: Optional[_Candidates], *, data_config: Dict, has_masks: bool,
+                   keep_rows: bool, scored: bool) -> int:
     """One batch (split rows ``start``...) into the part: its rows, its metric sums, its selection candidates.
 
-    The batch's maps live only in this call, so memory holds one batch of maps at a time.
+    Every map is reduced as the model computes it (`AttentionReducer`): memory never holds a batch's maps.
 
     Returns:
         The number of images in the batch.
@@ -270,15 +284,15 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
     pixel_values, labels = batch['pixel_values'], batch['labels']  # [B, 3, H_px, W_px], [B]
     check_input_size(pixel_values, layout)
     # the token norms are rows of the summary: not captured for a pass that keeps none (e.g. background variants)
-    with capture_token_norms(model.timm_model) if keep_rows else contextlib.nullcontext() as norms:
-        out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
-    attentions = out.attentions  # L x [B, H, N, N], reduced where the model runs
-    cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1).float()  # [B, L, H, P]
-    roll = rollout_cls(attentions, layout=layout)  # [B, P]
+    with capture_token_norms(model.timm_model) if keep_rows else contextlib.nullcontext() as norms, \
+            reducer.capture(model.timm_model) as layers:
+        logits = model(pixel_values.to(model.device, model.dtype)).logits.float().cpu()  # [B, C]
+    maps = reducer.result(layers)
+    cls_rows = layout.cls_to_patches(maps.cls_query).float()  # [B, L, H, P]
     fg = layout.patch_fraction(batch['fg_mask'].to(model.device)) if has_masks else None  # [B, P]
-    logits = out.logits.float().cpu()  # [B, C]
     pred = logits.argmax(-1)
-    sums = metrics.batch_sums(attentions, cls_rows, labels.to(model.device), fg_fraction=fg, rollout_cls=roll)
+    sums = metrics.batch_sums(None, cls_rows, labels.to(model.device), fg_fraction=fg, rollout_cls=maps.rollout,
+                              distances=maps.distances)
     for name, value in sums.items():
         part.append(METRICS_PREFIX + name, value[None])
     part.append('labels', labels)
@@ -286,13 +300,13 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
     if keep_rows:
         part.append('logits', logits)
         part.append('cls_attention', cls_rows.half().cpu())
-        part.append('rollout', roll.half().cpu())
+        part.append('rollout', maps.rollout.half().cpu())
         part.append('token_norms', torch.stack(norms, dim=1).cpu())  # [B, L, N] float32
-        part.append('prefix_attention', torch.stack([layout.cls_to_prefix(a) for a in attentions], dim=1).half().cpu())
+        part.append('prefix_attention', layout.cls_to_prefix(maps.cls_query).half().cpu())  # [B, L, H, prefix]
         if has_masks:
             part.append('fg_fraction', fg.half().cpu())
     correct = pred == labels if scored else torch.ones(len(pred), dtype=torch.bool)
-    _add_candidates(examples, full, start, correct, pixel_values, attentions, data_config)
+    _add_candidates(model, examples, full, start, correct, pixel_values, data_config)
     return len(pred)
 
 
@@ -369,13 +383,14 @@ def extract_shard(
                                     'full_maps': num_full})
     L, H, _ = _map_shape(model)
     metrics = AttentionMetricsAccumulator(model.token_layout, L, H, class_names)  # only its batch_sums: parts merge
+    reducer = AttentionReducer(model.token_layout, L)
     with SummaryWriter(part_path) as part:
         examples, full = _selection_candidates(part, model, num_examples, num_full)
         loader = eval_loader(dataset, images, data_config, has_masks, batch_size, prepare, num_workers) if images else []
         start = images.start
         for batch in tqdm(loader, total=len(batches), disable=not progress, desc='attention'):
-            start += _extract_batch(model, batch, start, part, metrics, examples, full, data_config=data_config,
-                                    has_masks=has_masks, keep_rows=keep_rows, scored=scored)
+            start += _extract_batch(model, batch, start, part, reducer, metrics, examples, full,
+                                    data_config=data_config, has_masks=has_masks, keep_rows=keep_rows, scored=scored)
         assert start == images.stop, f'streamed images up to {start}, expected {images.stop}'
         return part.close(metadata)
 

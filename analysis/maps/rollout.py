@@ -89,12 +89,18 @@ def _check_options(attentions: Sequence[torch.Tensor], head_fusion: str, discard
         raise UserError(f'discard_ratio must be in [0, 1), got {discard_ratio}')
 
 
-def _layer_factor(attn: torch.Tensor, head_fusion: str, discard_ratio: float, layout: Optional[TokenLayout]
-                  ) -> torch.Tensor:
-    """One layer's factor of the rollout, ``A' = norm(0.5 fuse(A) + 0.5 I)``: ``[B, H, N, N]`` -> ``[B, N, N]`` float32."""
+def _fused(attn: torch.Tensor, head_fusion: str, discard_ratio: float, layout: Optional[TokenLayout]) -> torch.Tensor:
+    """One layer's head-fused map, its weakest patch keys dropped: ``[B, H, N, N]`` -> ``[B, N, N]`` float32."""
     fused = fuse_heads(attn.float(), head_fusion)  # [B, N, N]
     if discard_ratio > 0:
         fused = discard_weakest(fused, discard_ratio, layout.num_prefix_tokens if layout is not None else 1)
+    return fused
+
+
+def _layer_factor(attn: torch.Tensor, head_fusion: str, discard_ratio: float, layout: Optional[TokenLayout]
+                  ) -> torch.Tensor:
+    """One layer's factor of the rollout, ``A' = norm(0.5 fuse(A) + 0.5 I)``: ``[B, H, N, N]`` -> ``[B, N, N]``."""
+    fused = _fused(attn, head_fusion, discard_ratio, layout)
     fused = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], device=fused.device)  # residual connection
     return fused / fused.sum(dim=-1, keepdim=True)  # rows sum to 1 again
 
@@ -147,10 +153,20 @@ def rollout_cls(
         rest of the mass sits on the prefix tokens).
     """
     _check_options(attentions, head_fusion, discard_ratio, layout)
-    # The CLS row of A'_L @ ... @ A'_1 is e_0 @ A'_L @ ... @ A'_1: a row vector through the layers from the last,
-    # N^2 per layer instead of the N^3 of the whole product.
-    batch_size, _, num_tokens, _ = attentions[0].shape
-    row = torch.eye(num_tokens, device=attentions[0].device)[:1].expand(batch_size, 1, num_tokens)  # [B, 1, N]: e_0
-    for attn in reversed(attentions):
-        row = row @ _layer_factor(attn, head_fusion, discard_ratio, layout)  # [B, 1, N]
+    return rollout_cls_of_fused([_fused(attn, head_fusion, discard_ratio, layout) for attn in attentions], layout)
+
+
+def rollout_cls_of_fused(fused: Sequence[torch.Tensor], layout: TokenLayout) -> torch.Tensor:
+    """`rollout_cls` from every layer's head-fused map ``[B, N, N]`` (float32, first layer first).
+
+    The CLS row of ``A'_L @ ... @ A'_1`` is ``e_0 @ A'_L @ ... @ A'_1``: a row vector carried through the
+    layers from the last one, ``N^2`` per layer instead of the ``N^3`` of the whole product. The factor
+    ``A' = D^-1 (0.5 F + 0.5 I)`` (``D``: its row sums) is never built: ``r A' = 0.5 (r D^-1) F + 0.5 r D^-1``.
+    """
+    batch_size, num_tokens = fused[0].shape[0], fused[0].shape[-1]
+    row = torch.zeros(batch_size, 1, num_tokens, device=fused[0].device)  # [B, 1, N]: e_0, the CLS token
+    row[:, :, 0] = 1.0
+    for layer in reversed(fused):
+        row = row / (0.5 * layer.sum(dim=-1) + 0.5).unsqueeze(1)  # r D^-1: the factor's row sums
+        row = 0.5 * (row @ layer) + 0.5 * row  # [B, 1, N]
     return row[:, 0, layout.num_prefix_tokens:]  # [B, P]

@@ -74,21 +74,26 @@ def eager_attention(vit: nn.Module) -> Iterator[List[Tuple[str, Attention]]]:
 
 
 @contextmanager
-def capture_attentions(vit: torch.nn.Module) -> Iterator[List[torch.Tensor]]:
+def capture_attentions(vit: torch.nn.Module, reduce: Optional[Callable[[torch.Tensor], object]] = None
+                       ) -> Iterator[List]:
     """Records the attention probabilities of every block while the context is open.
 
     Turns each block's eager attention path on (``fused_attn = False``) and hooks the input of
     ``attn_drop``, which is exactly ``softmax(q k^T * scale)`` (before dropout). On exit the hooks
     are removed and the fused flags restored, whatever happened inside.
 
+    Args:
+        reduce: called on every block's map as the block computes it; the list keeps what it returns
+            instead of the map, so that the maps need not all be held until the forward pass ends.
+
     Yields:
-        a list that fills with one ``[B, H, N, N]`` tensor per block call, in call order.
+        a list that fills with one ``[B, H, N, N]`` tensor (or ``reduce`` of it) per block call, in call order.
     """
-    maps: List[torch.Tensor] = []
+    maps: List = []
     handles = []
 
     def record(module, args):
-        maps.append(args[0])  # [B, H, N, N], rows sum to 1
+        maps.append(args[0] if reduce is None else reduce(args[0]))  # [B, H, N, N], rows sum to 1
 
     with eager_attention(vit) as modules:
         try:

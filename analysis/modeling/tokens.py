@@ -64,6 +64,12 @@ class TokenLayout:
     def from_dict(cls, d: Dict) -> 'TokenLayout':
         return cls(int(d['num_prefix_tokens']), tuple(d['grid_size']), tuple(d['patch_size']))
 
+    def cls_query(self, attn: torch.Tensor) -> torch.Tensor:
+        """The CLS query's row as a one-row map, ``attn[..., :1, :]`` ``[..., 1, N]``: `cls_to_patches` and
+        `cls_to_prefix` read it as they read the whole map."""
+        assert attn.shape[-1] == self.num_tokens, f'expected {self.num_tokens} tokens, got {attn.shape[-1]}'
+        return attn[..., :1, :]
+
     def cls_to_patches(self, attn: torch.Tensor) -> torch.Tensor:
         """CLS-to-patch attention: ``attn[..., 0, prefix:]``.
 
