@@ -103,7 +103,7 @@ class Lens:
         gradient = self._gradient(image, target)
         _logger.info('analysed %s (%d x %d) in %.2f s', Path(path).name, *image.size, time.perf_counter() - began)
         cls_attention = result['cls_attention'][0]  # [L, H, P]
-        flags = flag_high_norm(result['token_norms'][0, :, self.layout.num_prefix_tokens:])  # [L, P]
+        flags = flag_high_norm(self.layout.patch_tokens(result['token_norms'][0]))  # [L, P]
         fg = self.example_fg.get(_sha256(path)) if self.example_fg else None  # [P] or None
         return {'crop': result['images'][0].numpy(), 'probs': result['probs'][0].numpy(),
                 'cls_attention': cls_attention.numpy(), 'rollout': result['rollout'][0].numpy(),

@@ -1,9 +1,9 @@
 """Attention extraction vs a plain inference pass, and peak memory for 200 vs 800 images.
 
-Throughput: `analysis.maps.extract.extract_to_file` (output_attentions, rollout, metrics, per-image
-rows streamed to the summary file) against a plain ``model(pixel_values)`` pass over the same split, same batches, same data
-loading, alternated in one process; the ratio is printed (target >= 0.85), and that of the extraction of the
-same images without their mask column (what a split without masks costs: no masks decoded, no fg metrics).
+Throughput: `analysis.maps.extract.extract_to_file` (the eager pass, every map reduced as it comes: CLS
+rows, rollout, metrics; per-image rows streamed to the summary file) against a plain ``model(pixel_values)``
+pass over the same split, same batches, same data loading, alternated in one process; the ratio is printed
+(target >= 0.85), and that of the extraction of the same images without their mask column (what a split without masks costs: no masks decoded, no fg metrics).
 The extraction includes what the sinks analysis reads (every token's norm at every block, the CLS row on
 the prefix tokens). ``--vit_base N``: the same on a ViT-B/16 at 224 px (random weights) and N synthetic
 flowers of 224 px.
@@ -13,7 +13,7 @@ whole split, in a shuffled order: the plain loader (images) and the extraction's
 on batches loaded beforehand, the fused forward pass, the eager one without hooks, the eager one
 reducing every map as it comes with the token norms (what the extraction runs), and the extraction's
 every batch (rows, metric sums, written to a part file). Seconds per split (the fastest round: on a noisy
-machine the least disturbed one), and each section's share of the gap to the plain pass.
+machine the least disturbed one), and the gap to the plain pass by section, as a share of the plain pass.
 
     python bench/attention_throughput.py --sections --model outputs/synthetic_demo [--rounds 5]
 
@@ -112,9 +112,9 @@ def sections_main(args) -> None:
     reducer = AttentionReducer(layout, L)
 
     def reduced(pixels):
-        with capture_token_norms(vit), reducer.capture(vit) as layers:
+        with capture_token_norms(vit), reducer.capture(vit):
             model(pixels).logits.float().cpu()
-        reducer.result(layers)
+        reducer.result()
 
     def eager(pixels):
         with eager_attention(vit):
@@ -151,7 +151,7 @@ def sections_main(args) -> None:
 
     one_round(0)  # warm-up
     rounds = [one_round(r + 1) for r in range(args.rounds)]
-    fastest = {name: min(r[name] for r in rounds) for name in SECTIONS}  # the fastest round: the least disturbed
+    fastest = {name: min(r[name] for r in rounds) for name in sections}  # the fastest round: the least disturbed
     plain = fastest['data: plain (images)'] + fastest['forward: fused (plain)']
     extraction = fastest['data: extraction (images, masks)'] + fastest['extraction: every batch']
     gaps = {
@@ -165,16 +165,12 @@ def sections_main(args) -> None:
     }
     print(f'{args.model or "the demo ViT (random weights)"}, {len(split)} images, batch {args.batch_size}, '
           f'{torch.get_num_threads()} threads; seconds per split, the fastest of {args.rounds} rounds')
-    for name in SECTIONS:
+    for name in sections:
         print(f'  {name:<40} {fastest[name]:.3f} s')
     print(f'plain pass {plain:.3f} s, extraction {extraction:.3f} s (without the merge of its part file): '
-          f'ratio {plain / extraction:.3f}; the gap, {extraction - plain:.3f} s:')
+          f'ratio {plain / extraction:.3f}; the gap, {extraction - plain:.3f} s, by section (% of the plain pass):')
     for name, gap in gaps.items():
         print(f'  {name:<48} {gap:+.3f} s ({100 * gap / plain:+.1f}% of the plain pass)')
-
-
-SECTIONS = ('data: plain (images)', 'data: extraction (images, masks)', 'forward: fused (plain)',
-            'forward: eager, no hooks', 'forward: eager, maps reduced, norms', 'extraction: every batch')
 
 
 def peak_rss_child(model_name, num_images, batch_size) -> int:
@@ -334,7 +330,7 @@ def main():
     parser.add_argument('--scale_classes', type=int, default=2, help='synthetic flower classes of the scale data')
     parser.add_argument('--scale_commands', nargs='+', default=list(SCALE_COMMANDS), choices=SCALE_COMMANDS)
     parser.add_argument('--processes', action='store_true', help='1 process vs 2 (accelerate, CPU) instead')
-    parser.add_argument('--sections', action='store_true', help='where the extraction\'s time goes, batch by batch')
+    parser.add_argument('--sections', action='store_true', help='where the extraction\'s time goes, section by section')
     parser.add_argument('--rounds', type=int, default=5, help='rounds over the split (--sections)')
     parser.add_argument('--vit_base', type=int, default=0, metavar='N',
                         help='the throughput ratio on ViT-B/16 at 224 px (random weights), N synthetic flower images')
@@ -344,6 +340,8 @@ def main():
     if args.scale:
         return scale_main(args)
     if args.sections:
+        if args.rounds < 1:
+            parser.error('--rounds must be >= 1')
         return sections_main(args)
 
     if args.vit_base:  # ViT-B/16 at 224 px (random weights) on synthetic flowers of 224 px with masks

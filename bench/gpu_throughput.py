@@ -161,7 +161,7 @@ def extraction(model, split, batch_size: int, num_workers: int, sync) -> float:
 
 @torch.inference_mode()
 def extraction_kernels(model, pixel_values) -> str:
-    """The attention kernels of one extraction batch (``output_attentions=True``, as extraction calls the model)."""
+    """The attention kernels of an eager pass with the maps captured, as the extraction runs (`AttentionReducer`)."""
     flags: List[bool] = []
     handle = model.timm_model.blocks[0].attn.register_forward_pre_hook(
         lambda module, args: flags.extend(fused_flags(model)))

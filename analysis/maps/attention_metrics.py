@@ -152,29 +152,30 @@ def mean_attention_distance(attn: torch.Tensor, layout: TokenLayout) -> torch.Te
 
 
 @functools.lru_cache(maxsize=8)
-def _distance_weights(layout: TokenLayout) -> torch.Tensor:
-    """``[N, N, 2]``: for query ``q`` and key ``k``, the pixel distance between their patch centres, and 1 for a
-    patch key; 0 where either is a prefix token (computed once per layout)."""
-    p, centers = layout.num_prefix_tokens, layout.patch_centers()  # [P, 2]
-    weights = torch.zeros(layout.num_tokens, layout.num_tokens, 2)
-    weights[p:, p:, 0] = torch.cdist(centers, centers)
-    weights[:, p:, 1] = 1.0
-    return weights
+def _distance_weights(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """``[N, N, 2]``: for a patch query and a patch key, the pixel distance between their centres, and 1; 0 where
+    either is a prefix token. Built once per layout and device, outside inference mode (autograd may use it)."""
+    with torch.inference_mode(False):
+        N, centers = layout.num_tokens, layout.patch_centers()  # [P, 2]
+        distance, patch_key = torch.zeros(N, N), torch.zeros(N, N)
+        layout.patches_to_patches(distance)[:] = torch.cdist(centers, centers)
+        layout.patches_to_patches(patch_key)[:] = 1.0
+        return torch.stack([distance, patch_key], dim=-1).to(device)
 
 
 def distance_sums(attn: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per patch query: ``sum_k a_qk * d_qk`` and ``sum_k a_qk`` over the patch keys, ``[B, H, P]`` each.
 
     What `mean_attention_distance` needs of one layer's map ``[B, H, N, N]``, in one pass over it (a
-    batched product over the queries, no copy of the map): the extraction reduces every map to these as
-    the model computes it (`analysis.maps.reduce`), and `AttentionMetricsAccumulator.batch_sums` takes
-    them instead of the maps. The head-averaged map's sums are the head means of these.
+    product batched over the queries; a float32 map is not copied): the extraction reduces every map to
+    these as the model computes it (`analysis.maps.reduce`), and `AttentionMetricsAccumulator.batch_sums`
+    takes them instead of the maps. The head-averaged map's sums are the head means of these.
     """
     B, H, N, _ = attn.shape
-    weights = _distance_weights(layout).to(attn.device)  # [N, N, 2]
-    sums = torch.bmm(attn.float().reshape(B * H, N, N).transpose(0, 1), weights)  # [N, B * H, 2]: query-major
-    sums = sums[layout.num_prefix_tokens:].transpose(0, 1).reshape(B, H, layout.num_patches, 2)  # patch queries
-    return sums[..., 0], sums[..., 1]
+    sums = torch.bmm(attn.float().reshape(B * H, N, N).transpose(0, 1),
+                     _distance_weights(layout, attn.device))  # [N, B * H, 2]: query-major
+    sums = layout.patch_tokens(sums.permute(1, 2, 0)).reshape(B, H, 2, layout.num_patches)  # the patch queries
+    return sums[:, :, 0], sums[:, :, 1]
 
 
 class AttentionMetricsAccumulator:
@@ -291,7 +292,7 @@ class AttentionMetricsAccumulator:
         Args:
             attentions: ``L`` maps ``[B, H, N, N]`` (for the mean attention distance), or None
                 when only CLS rows are at hand (e.g. read back from an attention summary); then
-                ``mean_attention_distance`` is omitted.
+                ``mean_attention_distance`` is omitted, unless ``distances`` gives what it needs.
             cls_attention: ``[B, L, H, P]`` CLS-to-patch attention (``layout.cls_to_patches``).
             labels: ``[B]`` int class indices into ``class_names``.
             fg_fraction: ``[B, P]`` fraction of each patch covered by the flower, or None when

@@ -5,10 +5,10 @@ float16), the CLS row on the prefix tokens (``[L, H, prefix]``), the norm of eve
 block's output (``[L, N]``, for `analysis.maps.sinks`), the CLS row of the attention rollout (``[P]``) and, with masks, the fraction of each
 patch covered by the flower (``[P]``). Full ``N x N`` maps, with the input crops, only for
 ``full_maps`` images: half correct and half wrong predictions where the split has both
-(`FullMapSlots`), from a second pass over those images alone. Every map is reduced as the model computes it
-(`analysis.maps.reduce.AttentionReducer`) and dropped, so memory holds one layer's maps of one batch, never
-a batch's ``L x H x N x N``; the per-image rows go to disk as they come
-(`analysis.maps.summary.SummaryWriter`), so memory does not grow with the split.
+(`FullMapSlots`), from a second pass over those images. Every map is reduced as the model computes it
+(`analysis.maps.reduce.AttentionReducer`) and dropped, so memory holds one layer's maps and the head-fused
+map of every layer (1/H of the maps), never a batch's ``L x H x N x N``; the per-image rows go to disk as
+they come (`analysis.maps.summary.SummaryWriter`), so memory does not grow with the split.
 
 Many processes (``accelerate launch ... -m analysis extract``, or the training job on every rank):
 each streams a contiguous share of the batches into a part file (`extract_shard`); rank 0 merges
@@ -249,24 +249,32 @@ def _selection_candidates(part: SummaryWriter, model: TimmViTForImageClassificat
     return examples, full
 
 
+def _full_maps(model: TimmViTForImageClassification, pixel_values: torch.Tensor, images: List[int]) -> torch.Tensor:
+    """``[K, L, H, N, N]`` float16: the maps of the batch's ``images``, each from a pass over that image alone.
+
+    The extraction's own pass keeps no maps (`AttentionReducer`). One image at a time, so that its maps do
+    not depend on the images beside it (kernels may round differently for another batch size): the same
+    whatever share of the split a process streams. At most ``2 * full_maps`` images per process.
+    """
+    maps = [model(pixel_values[i:i + 1].to(model.device, model.dtype), output_attentions=True).attentions
+            for i in images]  # K x L x [1, H, N, N]
+    return torch.stack([torch.cat(layers).half().cpu() for layers in maps])
+
+
 def _add_candidates(model: TimmViTForImageClassification, examples: _Candidates, full: Optional[_Candidates],
                     start: int, correct: torch.Tensor, pixel_values: torch.Tensor, data_config: Dict) -> None:
-    """Offers the images of a batch (split rows ``start``...) to the selections; crops only those taken.
-
-    The extraction's pass keeps no full maps (`AttentionReducer`): those of the few images the full-map
-    selection takes come from a second eager pass over these images alone.
-    """
+    """Offers the images of a batch (split rows ``start``...) to the selections; crops only those taken, and runs
+    `_full_maps` only for a batch with images the full-map selection takes."""
     correct = correct.tolist()
-    taken_examples, taken_full = examples.taken_of(correct), full.taken_of(correct) if full is not None else []
-    if taken_full:
-        out = model(pixel_values[taken_full].to(model.device, model.dtype), output_attentions=True)
-        maps = torch.stack(out.attentions, dim=1).half().cpu()  # [K, L, H, N, N]
-    for i in sorted(set(taken_examples) | set(taken_full)):
+    taken_examples = examples.taken_of(correct)
+    taken_full = full.taken_of(correct) if full is not None else []
+    maps = dict(zip(taken_full, _full_maps(model, pixel_values, taken_full))) if taken_full else {}
+    for i in sorted(set(taken_examples) | set(maps)):
         crop = _unnormalise(pixel_values[i:i + 1], data_config)[0]  # [H_px, W_px, 3]
         if i in taken_examples:
             examples.add(start + i, correct[i], {'images': crop})
-        if i in taken_full:
-            full.add(start + i, correct[i], {'attention': maps[taken_full.index(i)], 'images': crop})
+        if i in maps:
+            full.add(start + i, correct[i], {'attention': maps[i], 'images': crop})
 
 
 def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.Tensor], start: int,
@@ -285,9 +293,9 @@ def _extract_batch(model: TimmViTForImageClassification, batch: Dict[str, torch.
     check_input_size(pixel_values, layout)
     # the token norms are rows of the summary: not captured for a pass that keeps none (e.g. background variants)
     with capture_token_norms(model.timm_model) if keep_rows else contextlib.nullcontext() as norms, \
-            reducer.capture(model.timm_model) as layers:
+            reducer.capture(model.timm_model):
         logits = model(pixel_values.to(model.device, model.dtype)).logits.float().cpu()  # [B, C]
-    maps = reducer.result(layers)
+    maps = reducer.result()
     cls_rows = layout.cls_to_patches(maps.cls_query).float()  # [B, L, H, P]
     fg = layout.patch_fraction(batch['fg_mask'].to(model.device)) if has_masks else None  # [B, P]
     pred = logits.argmax(-1)
@@ -331,7 +339,7 @@ def extract_shard(
         prepare: Optional[Callable[[Dict, List[int]], Dict]] = None,
         num_workers: int = 0,
 ) -> Path:
-    """Streams one process's share of a split through the model with ``output_attentions=True`` into a part file.
+    """Streams one process's share of a split through the model, its maps reduced as they come, into a part file.
 
     The split's batches are cut into ``world_size`` contiguous shares (`shard_batches`), the same
     batches whatever ``world_size``; this process takes share ``rank``. Every batch's rows go to the
@@ -476,8 +484,8 @@ def extract_to_file(model: TimmViTForImageClassification, dataset: datasets.Data
                     metrics_path: Optional[Union[str, Path]] = None, sharded: bool = False, **options) -> Extraction:
     """The attention summary of a split into ``path`` and its metrics into ``metrics_path``, streamed.
 
-    Memory holds one batch of maps and the selected crops and full maps, whatever the split's size;
-    the rows go through part files beside ``path`` (`extract_shard`, `merge_shards`).
+    Memory holds one layer's maps of a batch, the head-fused maps of its layers, and the selected crops and full
+    maps, whatever the split's size; the rows go through part files beside ``path`` (`extract_shard`, `merge_shards`).
 
     Args:
         model: the ViT, on the device it runs on.

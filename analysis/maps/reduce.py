@@ -7,8 +7,9 @@ maps of a batch until the forward pass ends costs more than computing them: on a
 outweigh the activations (64 patches, 3 heads, width 96: 3.2 MB per layer for a batch of 64, against
 1.6 MB of tokens), and memory of that size is handed back to the system after every batch and
 faulted in again at the next. So `AttentionReducer.capture` hooks every block
-(`capture_attentions(reduce=...)`), reduces each map as it appears and lets it go; the fused maps
-are written into one buffer that the reducer keeps, the same memory for every batch.
+(`capture_attentions(reduce=...)`), reduces each map as it appears and lets it go. What stays is the
+head-fused map of every layer (``[L, B, N, N]`` float32: 1/H of the maps), written into one buffer that
+the reducer keeps, the same memory for every batch.
 """
 import contextlib
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ class ReducedMaps:
 
 
 class AttentionReducer:
-    """Reduces the attention maps of a model's forward passes to `ReducedMaps`, one layer at a time.
+    """Reduces the attention maps of a model's forward pass to `ReducedMaps`, one layer at a time.
+
+    ``with reducer.capture(vit): model(pixels)``, then ``reducer.result()``.
 
     Args:
         layout: the model's token layout.
@@ -42,30 +45,28 @@ class AttentionReducer:
     def __init__(self, layout: TokenLayout, num_layers: int):
         self.layout, self.num_layers = layout, num_layers
         self._fused: Optional[torch.Tensor] = None  # [L, B, N, N] float32, grown once, reused by every batch
-        self._layer = 0
+        self._layers: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # the pass's reduced layers
 
     def _reduce(self, attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's map ``[B, H, N, N]`` -> its CLS query row ``[B, H, 1, N]`` and distance sums ``[B, H, P]``."""
-        B, _, N, _ = attn.shape
+        layer, (B, _, N, _) = len(self._layers), attn.shape
+        if layer == self.num_layers:
+            raise RuntimeError(f'more attention maps than the {self.num_layers} blocks in one pass')
         if self._fused is None or self._fused.shape[1] < B or self._fused.device != attn.device:
-            self._fused = torch.empty(self.num_layers, B, N, N, device=attn.device)
-        torch.mean(attn, dim=1, dtype=torch.float32, out=self._fused[self._layer, :B])  # the rollout's head fusion
-        self._layer += 1
+            self._fused = torch.empty(self.num_layers, B, N, N, dtype=torch.float32, device=attn.device)
+        torch.mean(attn, dim=1, dtype=torch.float32, out=self._fused[layer, :B])  # the rollout's head fusion
         return (self.layout.cls_query(attn).clone(), *distance_sums(attn, self.layout))
 
     @contextlib.contextmanager
-    def capture(self, vit: nn.Module) -> Iterator[List]:
-        """While open, every block's map of the forward pass is reduced as it is computed; pass what this
-        yields to `result` after the pass."""
-        self._layer = 0
-        with capture_attentions(vit, reduce=self._reduce) as layers:
-            yield layers
+    def capture(self, vit: nn.Module) -> Iterator[None]:
+        """While open, every block's map of the forward pass is reduced as it is computed (`result` after)."""
+        with capture_attentions(vit, reduce=self._reduce) as self._layers:
+            yield
 
-    def result(self, layers: List) -> ReducedMaps:
-        """The `ReducedMaps` of the pass that filled ``layers`` (one `capture`)."""
-        if len(layers) != self.num_layers:
-            raise RuntimeError(f'reduced {len(layers)} attention maps from {self.num_layers} blocks')
-        cls_query, numerator, denominator = (torch.stack(parts, dim=1) for parts in zip(*layers))
-        B = cls_query.shape[0]
-        rollout = rollout_cls_of_fused(list(self._fused[:, :B]), self.layout)
+    def result(self) -> ReducedMaps:
+        """The `ReducedMaps` of the last `capture`'s pass."""
+        if len(self._layers) != self.num_layers:
+            raise RuntimeError(f'reduced {len(self._layers)} attention maps from {self.num_layers} blocks')
+        cls_query, numerator, denominator = (torch.stack(parts, dim=1) for parts in zip(*self._layers))
+        rollout = rollout_cls_of_fused(list(self._fused[:, :cls_query.shape[0]]), self.layout)
         return ReducedMaps(cls_query, (numerator, denominator), rollout)

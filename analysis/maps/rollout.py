@@ -169,4 +169,4 @@ def rollout_cls_of_fused(fused: Sequence[torch.Tensor], layout: TokenLayout) -> 
     for layer in reversed(fused):
         row = row / (0.5 * layer.sum(dim=-1) + 0.5).unsqueeze(1)  # r D^-1: the factor's row sums
         row = 0.5 * (row @ layer) + 0.5 * row  # [B, 1, N]
-    return row[:, 0, layout.num_prefix_tokens:]  # [B, P]
+    return layout.cls_to_patches(row)  # [B, P]

@@ -156,7 +156,7 @@ class SinkAccumulator:
             self.has_masks = fg_fraction is not None
         assert self.has_masks == (fg_fraction is not None), 'masks for some batches only'
         norms = token_norms.float()
-        patch_norms = norms[..., p:]  # [B, L, P]
+        patch_norms = layout.patch_tokens(norms)  # [B, L, P]
         median = patch_norms.quantile(0.5, dim=-1)  # [B, L]
         flags = flag_high_norm(patch_norms)  # [B, L, P]
         count = flags.sum(-1)  # [B, L]

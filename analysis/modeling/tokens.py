@@ -93,6 +93,11 @@ class TokenLayout:
         p = self.num_prefix_tokens
         return attn[..., p:, p:]
 
+    def patch_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """The patch entries of per-token values, ``values[..., prefix:]``: ``[..., N]`` -> ``[..., P]``."""
+        assert values.shape[-1] == self.num_tokens, f'expected {self.num_tokens} tokens, got {values.shape[-1]}'
+        return values[..., self.num_prefix_tokens:]
+
     def to_grid(self, patch_values: torch.Tensor) -> torch.Tensor:
         """``[..., P]`` -> ``[..., grid_h, grid_w]`` (patches are row-major)."""
         assert patch_values.shape[-1] == self.num_patches, \

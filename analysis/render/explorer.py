@@ -281,7 +281,7 @@ def explorer_data(summary_path: Union[str, Path], max_bytes: Optional[int] = Non
 
     grid, patch = layout.grid_size, layout.patch_size
     if 'token_norms' in tensors:  # per image and layer, the high-norm patch tokens (analysis.maps.sinks)
-        flags = flag_high_norm(tensors['token_norms'][:, :, layout.num_prefix_tokens:])  # [K, L, P]
+        flags = flag_high_norm(layout.patch_tokens(tensors['token_norms']))  # [K, L, P]
         flagged = [[row.nonzero().flatten().tolist() for row in image] for image in flags]
     else:
         flagged = [None] * K

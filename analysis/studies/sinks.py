@@ -125,7 +125,7 @@ def causal_check(model, dataset_split: datasets.Dataset, layer: int, *, max_imag
         start += len(pixel_values)
         with capture_token_norms(model.timm_model) as norms:
             logits = model(pixel_values).logits.float()
-        flags = flag_high_norm(norms[layer][:, p:]).cpu()  # [B, P]
+        flags = flag_high_norm(layout.patch_tokens(norms[layer])).cpu()  # [B, P]
         has = flags.any(-1)
         if not has.any():
             continue
