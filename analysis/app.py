@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 
 from analysis.maps.attention_metrics import attention_entropy, fg_lift, fg_ratio
-from analysis.maps.extract import attend_images
+from analysis.maps.extract import attention_of_pass, image_inputs
 from analysis.maps.sinks import flag_high_norm
+from analysis.modeling.timm_internals import capture_token_norms
 from analysis.modeling.transforms import eval_geometry, eval_transform, mask_to_tensor, model_data_config
 from analysis.modeling.vit import TimmViTForImageClassification
 from analysis.render import plots
@@ -74,6 +75,7 @@ class Lens:
         self.model = TimmViTForImageClassification.from_pretrained(model_name).eval().to(device or device_for_app())
         self.layout = self.model.token_layout
         self.data_config = model_data_config(self.model.timm_model)
+        self.transform = eval_transform(self.data_config)
         self.class_names = self.model.class_names
         self.lock = threading.Lock()  # the model's passes, one at a time: capture hooks and flags are per model
         geometry = eval_geometry(self.data_config)
@@ -87,20 +89,24 @@ class Lens:
 
     @property
     def num_heads(self) -> int:
-        return self.model.timm_model.blocks[0].attn.num_heads
+        return self.model.num_heads
 
     def analyse(self, path: str, target: Optional[int] = None) -> Dict:
         """Everything the page shows of one image, as plain arrays (the page keeps it in its own state), the file
-        read once: the maps of `attend_images` and the gradient rollout for class ``target`` (None: the predicted).
+        read once and passed through the model once: the maps `attend_images` gives (`attention_of_pass`) and the
+        gradient rollout for class ``target`` (None: the predicted), from the same pass.
 
         Raises:
             UserError: the file is not a readable image.
         """
         began = time.perf_counter()
         image = open_image(path)  # upright (EXIF), 8-bit RGB whatever the mode; any size (resized by the transform)
-        with self.lock:
-            result = attend_images(self.model, [image], self.data_config)
-        gradient = self._gradient(image, target)
+        pixel_values = image_inputs([image], self.transform, self.layout)
+        with self.lock, capture_token_norms(self.model.timm_model) as norms:  # one pass: the maps and their gradients
+            logits, attentions, gradients, _ = attention_gradients(
+                self.model.timm_model, pixel_values.to(self.model.device, self.model.dtype), self._target(target))
+        result = attention_of_pass(self.layout, pixel_values, logits, attentions, norms, self.data_config)
+        gradient = gradient_rollout(attentions, gradients, self.layout)[0].cpu().numpy()
         _logger.info('analysed %s (%d x %d) in %.2f s', Path(path).name, *image.size, time.perf_counter() - began)
         cls_attention = result['cls_attention'][0]  # [L, H, P]
         flags = flag_high_norm(self.layout.patch_tokens(result['token_norms'][0]))  # [L, P]
@@ -114,11 +120,14 @@ class Lens:
         return self._gradient(open_image(path), target)
 
     def _gradient(self, image: Image.Image, target: Optional[int]) -> np.ndarray:
-        pixel_values = eval_transform(self.data_config)(image)[None].to(self.model.device, self.model.dtype)
+        pixel_values = image_inputs([image], self.transform, self.layout).to(self.model.device, self.model.dtype)
         with self.lock:
-            _, attentions, gradients, _ = attention_gradients(
-                self.model.timm_model, pixel_values, None if target is None else torch.tensor([target]))
+            _, attentions, gradients, _ = attention_gradients(self.model.timm_model, pixel_values, self._target(target))
         return gradient_rollout(attentions, gradients, self.layout)[0].cpu().numpy()
+
+    @staticmethod
+    def _target(target: Optional[int]) -> Optional[torch.Tensor]:
+        return None if target is None else torch.tensor([target])
 
     # Pictures and numbers, from a request's own result.
 

@@ -17,7 +17,6 @@
 Dataset flags are train_hf.py's (``--dataset_name``/``--dataset``, ``--train_dir``, ``--synthetic_*``, ...);
 when none is given and ``--model`` is a run's output directory, the run's own dataset is used.
 """
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -353,12 +352,10 @@ def cmd_sinks(argv: List[str]) -> None:
     if flags.layer is not None and not 1 <= flags.layer <= model.num_blocks:
         raise UserError(f'--layer {flags.layer}: the model has layers 1..{model.num_blocks}')
     dataset = _dataset_for(data_args)
-    path = sinks_of_split(model, _split(dataset, flags.split), output, max_images=flags.max_images, seed=flags.seed,
-                          batch_size=flags.batch_size, model_id=flags.model, split=flags.split,
-                          causal_images=flags.causal_images, layer=None if flags.layer is None else flags.layer - 1)
-    figure_path = output / FIGURES_DIR / 'sinks.png'
-    plots.save_figure(plots.sinks_figure(json.loads(path.read_text())), figure_path)
-    print(f'wrote {path} and {figure_path}')
+    result = sinks_of_split(model, _split(dataset, flags.split), max_images=flags.max_images, seed=flags.seed,
+                            batch_size=flags.batch_size, model_id=flags.model, split=flags.split,
+                            causal_images=flags.causal_images, layer=None if flags.layer is None else flags.layer - 1)
+    _write_study(output, 'sinks', result, plots.sinks_figure)
 
 
 def cmd_app(argv: List[str]) -> None:

@@ -187,7 +187,7 @@ def score_full_model(job: Job, full: FullModel) -> CompressResult:
     """The result before anything is removed: the full model's validation accuracy (the search's reference)
     and its test scores (the report's)."""
     teacher = full.model
-    num_heads = teacher.timm_model.blocks[0].attn.num_heads
+    num_heads = teacher.num_heads
     base_model = {**job.base_model, 'architecture': teacher.config.architecture, 'num_blocks': full.num_blocks,
                   'num_heads': num_heads}
     val_accuracy = accuracy(teacher, full.val_x, full.val_y)

@@ -210,7 +210,7 @@ def _check_extract_options(batch_size: int, max_batches: Optional[int], full_map
 
 def _map_shape(model: TimmViTForImageClassification) -> Tuple[int, int, int]:
     """``(L, H, N)``: the blocks, the heads per block and the tokens of the model's attention maps."""
-    return model.num_blocks, model.timm_model.blocks[0].attn.num_heads, model.token_layout.num_tokens
+    return model.num_blocks, model.num_heads, model.token_layout.num_tokens
 
 
 def _shard_images(num_images: int, batch_size: int, rank: int, world_size: int) -> Tuple[range, range]:
@@ -613,21 +613,33 @@ def attend_images(model: TimmViTForImageClassification, images, data_config: Opt
         ``probs`` ``[E, C]``, ``token_norms`` ``[E, L, N]`` (every token at every block's output),
         ``prefix_attention`` ``[E, L, H, prefix]`` (the CLS row on the prefix tokens).
     """
-    from data_scripts import to_rgb
     model.eval()
     data_config = data_config or model_data_config(model.timm_model)
-    layout = model.token_layout
-    transform = eval_transform(data_config)
-    pixel_values = torch.stack([transform(to_rgb(img)) for img in images])
-    check_input_size(pixel_values, layout)
+    pixel_values = image_inputs(images, eval_transform(data_config), model.token_layout)
     with capture_token_norms(model.timm_model) as norms:
         out = model(pixel_values.to(model.device, model.dtype), output_attentions=True)
-    attentions = tuple(a.float().cpu() for a in out.attentions)
-    cls_rows = torch.stack([layout.cls_to_patches(a) for a in attentions], dim=1)  # [E, L, H, P]
+    return attention_of_pass(model.token_layout, pixel_values, out.logits, out.attentions, norms, data_config)
+
+
+def image_inputs(images, transform: Callable, layout: TokenLayout) -> torch.Tensor:
+    """``[E, 3, H, W]``: PIL images (any mode, any size) through the model's eval ``transform``."""
+    from data_scripts import to_rgb
+    pixel_values = torch.stack([transform(to_rgb(img)) for img in images])
+    check_input_size(pixel_values, layout)
+    return pixel_values
+
+
+def attention_of_pass(layout: TokenLayout, pixel_values: torch.Tensor, logits: torch.Tensor,
+                      attentions: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], data_config: Dict) -> Dict:
+    """What `attend_images` returns, from a pass already run on ``pixel_values``: its logits, every block's map
+    and every block's token norms (`capture_token_norms`)."""
+    attentions = [a.detach().float().cpu() for a in attentions]
+    cls_query = torch.stack([layout.cls_query(a) for a in attentions], dim=1)  # [E, L, H, 1, N]
+    cls_rows = layout.cls_to_patches(cls_query)  # [E, L, H, P]
     return {
-        'images': _unnormalise(pixel_values, data_config), 'cls_attention': cls_rows,
+        'images': _unnormalise(pixel_values.cpu(), data_config), 'cls_attention': cls_rows,
         'cls_maps': cls_rows.mean(dim=2), 'rollout': rollout_cls(attentions, layout=layout),
-        'probs': out.logits.float().softmax(-1).cpu(),
+        'probs': logits.detach().float().softmax(-1).cpu(),
         'token_norms': torch.stack(norms, dim=1).cpu(),  # [E, L, N]
-        'prefix_attention': torch.stack([layout.cls_to_prefix(a) for a in attentions], dim=1),  # [E, L, H, prefix]
+        'prefix_attention': layout.cls_to_prefix(cls_query),  # [E, L, H, prefix]
     }

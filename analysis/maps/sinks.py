@@ -166,12 +166,11 @@ class SinkAccumulator:
             bins = torch.bucketize(relative[:, layer].flatten(), HISTOGRAM_EDGES.log10())
             self.histogram[layer] += torch.bincount(bins, minlength=self.histogram.shape[1]).double()
         sink = share_on(cls_attention, flags)  # [B, L, H]
-        self._add(flagged_share=count.float() / layout.num_patches, flagged_count=count,
-                  norm_ratio=torch.where(count > 0, flagged_norm / median.clamp_min(1e-12), torch.nan),
-                  sink_share=sink, cls_self_share=prefix_attention[..., 0].float(),
-                  register_share=prefix_attention[..., 1:].float().sum(-1),
-                  register_norm_ratio=norms[..., 1:p].mean(-1) / median.clamp_min(1e-12) if p > 1
-                  else torch.full_like(median, torch.nan))
+        self._add(flagged_count=count, sink_share=sink, cls_self_share=prefix_attention[..., 0].float(),
+                  norm_ratio=torch.where(count > 0, flagged_norm / median.clamp_min(1e-12), torch.nan))
+        if p > 1:  # registers
+            self._add(register_share=prefix_attention[..., 1:].float().sum(-1),
+                      register_norm_ratio=norms[..., 1:p].mean(-1) / median.clamp_min(1e-12))
         if fg_fraction is not None:
             fg = fg_fraction.float()
             mean_map = cls_attention.float().mean(dim=2)  # [B, L, P]
@@ -194,6 +193,7 @@ class SinkAccumulator:
         """
         assert self.rows, 'no images were added'
         rows = {k: torch.cat(v) for k, v in self.rows.items()}  # [M, L(, H)]
+        rows['flagged_share'] = rows['flagged_count'] / self.layout.num_patches
         registers = self.layout.num_prefix_tokens > 1
         layers = []
         for layer in range(self.num_layers):

@@ -97,7 +97,7 @@ def load_summary(path: Union[str, Path], keys: Optional[Sequence[str]] = None) -
 def check_summary_matches(metadata: Dict, model: torch.nn.Module) -> None:
     """Raises if a summary was written by a model with another layout or other classes."""
     theirs = (TokenLayout.from_dict(metadata['layout']), metadata['num_layers'], metadata['num_heads'])
-    ours = (model.token_layout, model.num_blocks, model.timm_model.blocks[0].attn.num_heads)
+    ours = (model.token_layout, model.num_blocks, model.num_heads)
     if theirs != ours:
         raise UserError(
             f'the attention summary comes from another model (layout, layers, heads {theirs} vs {ours}); '

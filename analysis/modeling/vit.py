@@ -180,6 +180,11 @@ class TimmViTForImageClassification(TimmWrapperForImageClassification):
         return len(self.timm_model.blocks)
 
     @property
+    def num_heads(self) -> int:
+        """Attention heads per block (those of the first block: a timm ViT has the same in all)."""
+        return self.timm_model.blocks[0].attn.num_heads
+
+    @property
     def class_names(self) -> List[str]:
         return [self.config.id2label[i] for i in range(self.config.num_labels)]
 

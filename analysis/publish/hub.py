@@ -140,7 +140,7 @@ def push_output_dir(output_dir: Union[str, Path], repo_id: str, *, private: bool
     render_model_card(output_dir, repo_id=repo_id, license=license, space_id=space_id)
     files = files_to_upload(output_dir)
     _check_no_token_in_files(output_dir, files, token)
-    environment = read_json(output_dir / RUN_CONFIG_FILE).get('environment')
+    environment = read_json(output_dir / RUN_CONFIG_FILE).get('environment') if space_id else None
 
     if dry_run_dir is not None:
         model_dir = dry_run_dir / 'model' if space_id else dry_run_dir

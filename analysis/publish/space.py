@@ -64,8 +64,9 @@ runs locally with `python -m analysis app --model {model_id}`.
 '''
 
 
-def space_requirements(run_environment: Optional[Mapping] = None) -> str:
-    """``requirements.txt``: every `RUNTIME_PACKAGES` distribution pinned, the run's own versions first.
+def space_requirements(run_environment: Optional[Mapping] = None) -> Dict[str, str]:
+    """The pins of ``requirements.txt``, ``{distribution: version}``: every `RUNTIME_PACKAGES` distribution, the
+    run's own versions first.
 
     Args:
         run_environment: ``run_config.json``'s ``environment`` (``packages``, and torch / timm / transformers).
@@ -76,24 +77,22 @@ def space_requirements(run_environment: Optional[Mapping] = None) -> str:
     run_environment = run_environment or {}
     recorded = {**{k: run_environment.get(k) for k in ('torch', 'timm', 'transformers')},
                 **(run_environment.get('packages') or {})}
-    here = runtime_versions()
-    lines = []
-    for name, version in here.items():
+    pins = {}
+    for name, version in runtime_versions().items():
         version = recorded.get(name) or version
         if version is None:
             raise UserError(f'{name} is not installed, and the run did not record its version: pip install -e ".[app]"')
-        lines.append(f'{name}=={str(version).split("+")[0]}')  # a local build tag (+cu130) is not on the index
-    return '\n'.join(lines) + '\n'
+        pins[name] = str(version).split('+')[0]  # a local build tag (+cu130) is not on the index
+    return pins
 
 
 def space_files(model_id: str, space_id: str, run_environment: Optional[Mapping] = None) -> Dict[str, str]:
     """The text files of the Space: ``{name: text}``."""
-    requirements = space_requirements(run_environment)
-    gradio = next(line.split('==')[1] for line in requirements.splitlines() if line.startswith('gradio=='))
+    pins = space_requirements(run_environment)
     return {
         APP_FILE: SPACE_APP.format(model_id=model_id),
-        REQUIREMENTS_FILE: requirements,
-        README_FILE: SPACE_README.format(title=space_id.split('/')[-1][:30], gradio=gradio, model_id=model_id,
+        REQUIREMENTS_FILE: ''.join(f'{name}=={version}\n' for name, version in pins.items()),
+        README_FILE: SPACE_README.format(title=space_id.split('/')[-1][:30], gradio=pins['gradio'], model_id=model_id,
                                          space_id=space_id),
     }
 

@@ -535,6 +535,15 @@ def faithfulness_figure(faithfulness: Mapping) -> Figure:
     return fig
 
 
+def _band_over_depth(ax: Axes, stats: Sequence[Mapping], label: str, **style) -> None:
+    """Per layer ``{"mean", "se"}`` (1-based layers on x): the means, and a band of 2 SE around them."""
+    depth = np.arange(1, len(stats) + 1)
+    mean = np.array([s['mean'] for s in stats], dtype=float)
+    se = np.array([s['se'] or 0.0 for s in stats], dtype=float)
+    ax.plot(depth, mean, marker='o', markersize=3, label=label, **style)
+    ax.fill_between(depth, mean - 2 * se, mean + 2 * se, alpha=0.2, color=style['color'])
+
+
 def _draw_pruning(ax: Axes, pruning: Mapping, baseline: Optional[float]) -> None:
     """Accuracy against the number of heads removed by greedy pruning."""
     acc = _as_numpy(pruning['accuracy'])  # accuracy[i]: after removing the first i + 1 heads of the order
@@ -777,17 +786,12 @@ def sinks_figure(sinks: Mapping) -> Figure:
     ax.set_xlabel('token norm / the image\'s median patch norm')
     ax.set_title('Token norms per layer', fontsize=10, loc='left')
 
-    depth = np.arange(1, L + 1)
     ax = axes[1]
     for key, label, style in (('flagged_share', 'tokens flagged (share)', dict(color='tab:gray', linestyle=':')),
                               ('sink_share', 'CLS attention on them (sink share)', dict(color='tab:red')),
                               ('register_share', 'CLS attention on registers', dict(color='tab:blue'))):
-        if key not in layers[0]:
-            continue
-        mean = np.array([layer[key]['mean'] for layer in layers], dtype=float)
-        se = np.array([layer[key]['se'] or 0.0 for layer in layers], dtype=float)
-        ax.plot(depth, mean, marker='o', markersize=3, label=label, **style)
-        ax.fill_between(depth, mean - 2 * se, mean + 2 * se, alpha=0.2, color=style['color'])
+        if key in layers[0]:
+            _band_over_depth(ax, [layer[key] for layer in layers], label, **style)
     ax.set_xlabel('layer')
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
@@ -797,10 +801,7 @@ def sinks_figure(sinks: Mapping) -> Figure:
         ax = axes[2]
         for key, label, colour in (('fg_lift', 'all patches', 'tab:green'),
                                    ('fg_lift_without', 'without flagged tokens', 'tab:purple')):
-            mean = np.array([layer[key]['mean'] for layer in layers], dtype=float)
-            se = np.array([layer[key]['se'] or 0.0 for layer in layers], dtype=float)
-            ax.plot(depth, mean, marker='o', markersize=3, label=label, color=colour)
-            ax.fill_between(depth, mean - 2 * se, mean + 2 * se, alpha=0.2, color=colour)
+            _band_over_depth(ax, [layer[key] for layer in layers], label, color=colour)
         ax.axhline(1.0, color='tab:red', linestyle='--', linewidth=1)
         ax.set_xlabel('layer')
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

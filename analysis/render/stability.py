@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from analysis.core.run_files import SEEDS_FILE, read_optional_json
 from analysis.render.findings import fmt
-from analysis.studies.stability import STABLE_SHARE
+from analysis.studies.stability import is_stable
 
 SECTION_TITLE = 'How stable are these findings across training runs'
 
@@ -21,8 +21,8 @@ def _layers(findings: Sequence[Mapping]) -> str:
 
 
 def _stably_absent(finding: Mapping) -> bool:
-    """The opposite of a finding holds by the same rule: at least `STABLE_SHARE` of the runs show it, none the finding."""
-    return finding['opposite'] >= STABLE_SHARE * finding['runs'] and finding['shown'] == 0
+    """The opposite of a finding holds by the same rule (`is_stable` with the counts swapped)."""
+    return is_stable(finding['opposite'], finding['shown'], finding['runs'])
 
 
 def _sink_verdict(finding: Mapping) -> str:

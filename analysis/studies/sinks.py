@@ -190,15 +190,15 @@ def sinks_to_dir(model, output_dir: Union[str, Path], dataset_split: Optional[da
     return path
 
 
-def sinks_of_split(model, dataset_split: datasets.Dataset, output_dir: Union[str, Path], *,
-                   max_images: Optional[int] = SINKS_MAX_IMAGES, seed: int = 0, batch_size: int = 64,
-                   model_id: str = '', split: str = 'test', progress: bool = False, **options) -> Path:
+def sinks_of_split(model, dataset_split: datasets.Dataset, *, max_images: Optional[int] = SINKS_MAX_IMAGES,
+                   seed: int = 0, batch_size: int = 64, model_id: str = '', split: str = 'test', progress: bool = False,
+                   **options) -> Dict:
     """The command line's study: one extraction pass over ``max_images`` images drawn by seed (its summary in a
-    temporary folder), then `sinks_to_dir` (the causal check on images drawn by the same seed)."""
+    temporary folder), then `sinks_study` (the causal check on images drawn by the same seed)."""
     rows = sample_rows(len(dataset_split), max_images, seed)
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / SUMMARY_FILE
         extract_to_file(model, dataset_split.select(rows), summary, batch_size=batch_size, model_id=model_id,
-                        split=split, progress=progress)
-        return sinks_to_dir(model, output_dir, dataset_split, summary_path=summary, batch_size=batch_size, seed=seed,
-                            progress=progress, **options)
+                        split=split, progress=progress, num_examples=0)
+        return sinks_study(model, summary, dataset_split, batch_size=batch_size, seed=seed, progress=progress,
+                           **options)

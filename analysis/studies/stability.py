@@ -57,10 +57,15 @@ def direction(estimate: Optional[float], se: Optional[float]) -> int:
     return 0
 
 
+def is_stable(shown: int, opposite: int, runs: int) -> bool:
+    """The rule: at least `STABLE_SHARE` of the runs show the finding and none shows its opposite."""
+    return runs > 0 and shown >= STABLE_SHARE * runs and opposite == 0
+
+
 def verdict(directions: Sequence[int], sign: int) -> Dict:
     """The verdict on a finding of sign ``sign`` (+1 / -1) from each run's `direction`."""
     runs, shown, opposite = len(directions), sum(d == sign for d in directions), sum(d == -sign for d in directions)
-    stable = runs > 0 and shown >= STABLE_SHARE * runs and opposite == 0
+    stable = is_stable(shown, opposite, runs)
     label = 'stable' if stable else f'varies between runs ({shown} of {runs}' + (
         f', {opposite} opposite)' if opposite else ')')
     return {'stable': stable, 'shown': shown, 'opposite': opposite, 'runs': runs, 'label': label}
